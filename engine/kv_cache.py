@@ -1,0 +1,50 @@
+"""Slot-based KV cache: one slot per running sequence, one tensor pair per loaded layer."""
+from __future__ import annotations
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_slots: int, max_len: int, kv_heads: int, head_dim: int, hidden: int, device, dtype):
+        self.num_slots, self.max_len = num_slots, max_len
+        self.shape = (num_slots, kv_heads, max_len, head_dim)
+        self.device, self.dtype = device, dtype
+        self.k: list[torch.Tensor] = []
+        self.v: list[torch.Tensor] = []
+        # hidden state each cached token left the layer stack with; lets deeper layers be loaded
+        # later and filled for tokens already in flight
+        self.top_hidden = torch.zeros(num_slots, max_len, hidden, device=device, dtype=dtype)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.k)
+
+    def resize(self, num_layers: int) -> None:
+        """Allocate or free per-layer tensors so memory follows the loaded depth."""
+        while len(self.k) < num_layers:
+            self.k.append(torch.zeros(self.shape, device=self.device, dtype=self.dtype))
+            self.v.append(torch.zeros(self.shape, device=self.device, dtype=self.dtype))
+        del self.k[num_layers:], self.v[num_layers:]
+
+    def nbytes(self) -> int:
+        per = self.k[0].numel() * self.k[0].element_size() if self.k else 0
+        return 2 * per * len(self.k) + self.top_hidden.numel() * self.top_hidden.element_size()
+
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        # slots: [b]; positions: [b, T]; k, v: [b, kv_heads, T, head_dim]
+        if k.shape[2] == 1:
+            pos = positions[:, 0]
+            self.k[layer][slots, :, pos] = k[:, :, 0]
+            self.v[layer][slots, :, pos] = v[:, :, 0]
+        else:  # prefill-shaped writes always start at position 0 (right-padded rows)
+            t = k.shape[2]
+            self.k[layer][slots, :, :t] = k
+            self.v[layer][slots, :, :t] = v
+
+    def read(self, layer: int, slots: torch.Tensor, length: int, first_slot: int | None = None):
+        # -> [b, kv_heads, length, head_dim]: a view when slots are contiguous, else a gather
+        if first_slot is not None:
+            end = first_slot + len(slots)
+            return self.k[layer][first_slot:end, :, :length], self.v[layer][first_slot:end, :, :length]
+        return (self.k[layer][:, :, :length].index_select(0, slots),
+                self.v[layer][:, :, :length].index_select(0, slots))

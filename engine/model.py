@@ -1,0 +1,176 @@
+"""The early-exit transformer: embeddings, a truncated stack of decoder layers, the final head.
+
+Weights and per-module maths (norms, MLPs, RoPE tables) come from transformers' own classes so the
+numerics match the reference; the attention, the KV cache and the layer loop are ours, because
+exits, KV fill and hot layer loading need to stop, skip and resume inside the stack.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.kv_cache import KVCache
+from engine.store import CheckpointError, LayerStore
+
+
+@dataclass(slots=True)
+class BatchCtx:
+    """Where a batch of rows sits: which cache slots and positions, and their RoPE tables."""
+
+    slots: torch.Tensor  # [b] cache slot per row
+    positions: torch.Tensor  # [b, T] absolute position of each token
+    length: int  # keys to read from the cache (max position + 1)
+    rope: dict  # layer type -> (cos, sin), each [b, T, head_dim]
+    masks: dict  # layer type -> [b, 1, T, length] bool, True where a query may attend
+    first_slot: int | None  # slots are first_slot.. in order: the cache is read as a view, not gathered
+
+    def select(self, rows: torch.Tensor) -> "BatchCtx":
+        rope = {t: (c[rows], s[rows]) for t, (c, s) in self.rope.items()}
+        masks = {t: m[rows] for t, m in self.masks.items()}
+        return replace(self, slots=self.slots[rows], positions=self.positions[rows], rope=rope, masks=masks,
+                       first_slot=None)
+
+
+def _rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def _apply_rope(x, cos, sin):
+    return x * cos.unsqueeze(1) + _rotate_half(x) * sin.unsqueeze(1)
+
+
+class EEModel(nn.Module):
+    def __init__(self, store: LayerStore, depth: int, device: str | torch.device, dtype: torch.dtype):
+        super().__init__()
+        from transformers import AutoModelForCausalLM
+
+        self.store, self.device, self.dtype = store, torch.device(device), dtype
+        self.config = config = store.config()
+        self.num_layers_total = store.num_layers
+        one_layer = {"num_hidden_layers": 1}
+        if getattr(config, "layer_types", None):
+            one_layer["layer_types"] = config.layer_types[:1]
+        skeleton_cfg = type(config).from_dict({**config.to_dict(), **one_layer})
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(skeleton_cfg)
+        self.layer_cls = type(skeleton.model.layers[0])
+        base = store.base()
+        self.embed = self._materialise(skeleton.model.embed_tokens, {"weight": base["embed_tokens.weight"]})
+        if hasattr(self.embed, "scalar_embed_scale"):  # Gemma scales embeddings by sqrt(hidden)
+            self.embed.embed_scale = torch.tensor(self.embed.scalar_embed_scale, device=self.device)
+        self.norm = self._materialise(skeleton.model.norm, {"weight": base["norm.weight"]})
+        self.lm_head_weight = (self.embed.weight if "lm_head.weight" not in base
+                               else base["lm_head.weight"].to(self.device, dtype))
+        self.rotary = type(skeleton.model.rotary_emb)(config).to(self.device)
+        self._rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
+        self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * store.num_layers)
+        self.layers = nn.ModuleList()
+        self.hidden_size = config.hidden_size
+        attn = skeleton.model.layers[0].self_attn
+        self.head_dim, self.kv_heads = attn.head_dim, config.num_key_value_heads
+        self.sandwich_norms = hasattr(skeleton.model.layers[0], "pre_feedforward_layernorm")
+        self.kv: KVCache | None = None
+        self.set_depth(depth)
+
+    # ---- loading -------------------------------------------------------------------------
+    def _materialise(self, module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
+        module = module.to_empty(device=self.device)
+        module.load_state_dict({k: v.to(self.dtype) for k, v in state.items()})
+        return module.to(self.dtype).eval()
+
+    def set_depth(self, depth: int) -> None:
+        """Load or drop decoder layers so exactly `depth` are resident."""
+        if not 1 <= depth <= self.num_layers_total:
+            raise CheckpointError(f"depth {depth} outside 1..{self.num_layers_total}")
+        while len(self.layers) < depth:
+            i = len(self.layers)
+            with torch.device("meta"):
+                layer = self.layer_cls(self.config, i)
+            self.layers.append(self._materialise(layer, self.store.layer(i)))
+        del self.layers[depth:]
+        if self.kv is not None:
+            self.kv.resize(depth)
+
+    def allocate_cache(self, num_slots: int, max_len: int) -> KVCache:
+        self.kv = KVCache(num_slots, max_len, self.kv_heads, self.head_dim, self.hidden_size, self.device, self.dtype)
+        self.kv.resize(self.depth)
+        return self.kv
+
+    @property
+    def depth(self) -> int:
+        return len(self.layers)
+
+    def weight_bytes(self) -> dict[str, int]:
+        def size(mod):
+            return sum(p.numel() * p.element_size() for p in mod.parameters())
+        layers = [size(layer) for layer in self.layers]
+        return {"base": size(self.embed) + size(self.norm), "layers": sum(layers),
+                "per_layer": layers[0] if layers else 0}
+
+    # ---- forward pieces ------------------------------------------------------------------
+    def make_ctx(self, slots: torch.Tensor, positions: torch.Tensor) -> BatchCtx:
+        dummy = torch.empty(0, device=self.device, dtype=self.dtype)
+        length = int(positions.max()) + 1
+        kpos = torch.arange(length, device=self.device)
+        qpos = positions[:, None, :, None]  # [b, 1, T, 1]
+        rope, masks = {}, {}
+        for t in set(self.layer_types):
+            rope[t] = (self.rotary(dummy, positions, t) if self._rope_by_type else self.rotary(dummy, positions))
+            masks[t] = kpos <= qpos
+            if t == "sliding_attention":
+                masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
+        first = int(slots[0])
+        contiguous = bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all())
+        return BatchCtx(slots, positions, length, rope, masks, first if contiguous else None)
+
+    def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.embed(ids)
+
+    def _qkv(self, i: int, x: torch.Tensor, ctx: BatchCtx, need_q: bool = True):
+        attn = self.layers[i].self_attn
+        b, t, _ = x.shape
+        k = attn.k_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2)
+        q = attn.q_proj(x).view(b, t, -1, self.head_dim).transpose(1, 2) if need_q else None
+        if hasattr(attn, "k_norm"):
+            k = attn.k_norm(k)
+            q = attn.q_norm(q) if need_q else None
+        cos, sin = ctx.rope[self.layer_types[i]]
+        k = _apply_rope(k, cos, sin)
+        q = _apply_rope(q, cos, sin) if need_q else None
+        return q, k, v
+
+    def _attention(self, i: int, x: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:
+        attn = self.layers[i].self_attn
+        b, t, _ = x.shape
+        q, k, v = self._qkv(i, x, ctx)
+        self.kv.write(i, ctx.slots, ctx.positions, k, v)
+        keys, values = self.kv.read(i, ctx.slots, ctx.length, ctx.first_slot)
+        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.layer_types[i]],
+                                             scale=attn.scaling, enable_gqa=True)
+        return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def layer_forward(self, i: int, h: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:
+        # h: [b, T, hidden]
+        layer = self.layers[i]
+        a = self._attention(i, layer.input_layernorm(h), ctx)
+        if self.sandwich_norms:
+            h = h + layer.post_attention_layernorm(a)
+            return h + layer.post_feedforward_layernorm(layer.mlp(layer.pre_feedforward_layernorm(h)))
+        h = h + a
+        return h + layer.mlp(layer.post_attention_layernorm(h))
+
+    def fill_kv(self, start: int, h: torch.Tensor, ctx: BatchCtx) -> None:
+        """State copy: project an exited token's hidden state through layers start.. as their K/V."""
+        for i in range(start, self.depth):
+            _, k, v = self._qkv(i, self.layers[i].input_layernorm(h), ctx, need_q=False)
+            self.kv.write(i, ctx.slots, ctx.positions, k, v)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        """Final norm and LM head: [..., hidden] -> [..., vocab]."""
+        return F.linear(self.norm(h), self.lm_head_weight)

@@ -1,0 +1,67 @@
+"""Continuous batching: admit waiting requests into free cache slots, retire finished ones."""
+from __future__ import annotations
+
+from collections import deque
+
+from engine.sequence import RequestOutput, Sequence, Status
+
+
+class Scheduler:
+    def __init__(self, num_slots: int, eos_ids: list[int], max_model_len: int, decode):
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_slots = list(range(num_slots - 1, -1, -1))
+        self.eos_ids, self.max_model_len, self.decode = set(eos_ids), max_model_len, decode
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> tuple[list[Sequence], bool]:
+        """Newly admitted requests are prefilled first; otherwise every running one decodes."""
+        admitted = []
+        while self.waiting and self.free_slots:
+            seq = self.waiting.popleft()
+            seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
+            admitted.append(seq)
+        self.running.extend(admitted)
+        return (admitted, True) if admitted else (list(self.running), False)
+
+    def abort(self, request_id: str) -> bool:
+        for seq in list(self.waiting) + self.running:
+            if seq.request_id == request_id:
+                if seq in self.waiting:
+                    self.waiting.remove(seq)
+                self._finish(seq, "abort")
+                return True
+        return False
+
+    def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[RequestOutput]:
+        outputs = []
+        for seq, token in zip(seqs, tokens):
+            seq.output_ids.append(token)
+            reason = None
+            if token in self.eos_ids and not seq.params.ignore_eos:
+                reason = "stop"
+            seq.text = self.decode(seq.output_ids)
+            for stop in seq.params.stop:
+                cut = seq.text.find(stop)
+                if cut != -1:
+                    seq.text, reason = seq.text[:cut], "stop"
+            if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
+                                   or seq.num_tokens >= self.max_model_len):
+                reason = "length"
+            if reason:
+                self._finish(seq, reason)
+            outputs.append(RequestOutput(seq.request_id, [token], seq.text, reason is not None, reason,
+                                         len(seq.prompt_ids), len(seq.output_ids)))
+        return outputs
+
+    def _finish(self, seq: Sequence, reason: str) -> None:
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_slots.append(seq.slot)
+        seq.slot = -1

@@ -1,0 +1,175 @@
+"""Choosing per-layer exit thresholds, and the calibration report.
+
+Thresholds are picked layer by layer in exit order on one half of the held-out prompts: at each
+layer, among tokens that have not exited yet, the lowest threshold whose exiting tokens agree with
+the full model at least `target` of the time. The other half measures the result, so reported
+agreement is out of sample.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+OFF = 1.1  # a threshold no probability reaches: the check is skipped at that layer
+GRID = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def choose_thresholds(conf: dict, agree: dict, layers: list[int], target: float, min_exits: int = 10) -> dict:
+    remaining = torch.ones_like(next(iter(agree.values())), dtype=torch.bool)
+    chosen = {}
+    for l in layers:
+        c, a = conf[l][remaining], agree[l][remaining].float()
+        order = c.argsort(descending=True)
+        precision = a[order].cumsum(0) / torch.arange(1, len(order) + 1)
+        ok = (precision >= target).nonzero().squeeze(1)
+        ok = ok[ok >= min_exits - 1]
+        chosen[l] = float(c[order][ok.max()]) if len(ok) else OFF
+        remaining &= ~(conf[l] >= chosen[l])
+    return chosen
+
+
+def simulate(conf: dict, agree: dict, thresholds: dict, num_layers: int) -> dict:
+    """First-confident-exit over `thresholds`; tokens that never exit run to full depth and agree."""
+    n = len(next(iter(agree.values())))
+    depth = torch.full((n,), num_layers)
+    ok = torch.ones(n, dtype=torch.bool)
+    left = torch.ones(n, dtype=torch.bool)
+    for l in sorted(thresholds):
+        leave = left & (conf[l] >= thresholds[l])
+        depth[leave], ok[leave] = l, agree[l][leave]
+        left &= ~leave
+    hist = torch.bincount(depth, minlength=num_layers + 1)[1:]
+    return {"agreement": float(ok.float().mean()), "mean_depth": float(depth.float().mean()) / num_layers,
+            "exit_share_by_layer": {i + 1: int(c) for i, c in enumerate(hist.tolist()) if c},
+            "tokens": n}
+
+
+def depth_for_share(share_by_layer: dict, share: float) -> int:
+    """Smallest depth at which `share` of tokens have exited: what greedy loading loads."""
+    total, acc = sum(share_by_layer.values()), 0
+    for layer in sorted(share_by_layer):
+        acc += share_by_layer[layer]
+        if acc >= share * total:
+            return layer
+    return max(share_by_layer)
+
+
+@torch.inference_mode()
+def check_cost(engine, bank, batch: int = 8, reps: int = 50) -> dict:
+    """Seconds per exit check vs per decoder layer, for a decode batch on this device."""
+    model = engine.model
+    h = torch.randn(batch, 1, model.hidden_size, device=model.device, dtype=model.dtype)
+    ctx = model.make_ctx(torch.arange(batch, device=model.device),
+                         torch.full((batch, 1), 64, device=model.device))
+    point = next(iter(bank.points.values()))
+
+    def clock(fn):
+        fn()
+        t = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        return (time.perf_counter() - t) / reps
+    layer_s = clock(lambda: model.layer_forward(0, h, ctx))
+    check_s = clock(lambda: bool((point.predictor(h[:, 0]) >= 0.5).any()))
+    head_s = clock(lambda: model.logits(h[:, 0]))
+    return {"batch": batch, "layer_ms": layer_s * 1e3, "check_ms": check_s * 1e3,
+            "check_in_layers": check_s / layer_s, "lm_head_ms_per_step": head_s * 1e3}
+
+
+def place_exits(thresholds: dict, sim: dict, num_layers: int, cost_in_layers: float) -> dict:
+    """Disable checks whose expected saving (share exiting x layers skipped) is below their cost."""
+    shares = sim["exit_share_by_layer"]
+    total = sim["tokens"]
+    reach = 1.0
+    placed = {}
+    for l in sorted(thresholds):
+        share = shares.get(l, 0) / total
+        placed[l] = thresholds[l] if share * (num_layers - l) > reach * cost_in_layers else OFF
+        reach -= share
+    return placed
+
+
+@dataclass
+class CalibrationReport:
+    summary: dict
+    per_layer: list[dict]
+    frontier: dict
+
+    def write(self, directory: Path) -> Path:
+        directory.mkdir(parents=True, exist_ok=True)
+        payload = {"summary": self.summary, "per_layer": self.per_layer, "frontier": self.frontier}
+        (directory / "report.json").write_text(json.dumps(payload, indent=2))
+        plot_report(self, directory / "report.png")
+        return directory / "report.json"
+
+
+def build_report(engine, bank, layers, agree, maxprob, conf, held, cfg, losses) -> CalibrationReport:
+    num_layers = engine.num_layers
+    half = len(held) // 2
+    tune, evals = held[:half], held[half:]
+
+    def part(d, idx):
+        return {l: v[idx] for l, v in d.items()}
+    thresholds = choose_thresholds(part(conf, tune), part(agree, tune), layers, cfg.target)
+    sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
+    cost = check_cost(engine, bank)
+    thresholds = place_exits(thresholds, sim, num_layers, cost["check_in_layers"])
+    sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
+    bank.set_thresholds(thresholds)
+    baseline = simulate(part(maxprob, evals), part(agree, evals), {l: 0.9 for l in layers}, num_layers)
+
+    frontier = {"predictor": [], "max_softmax": []}
+    for target in (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99):
+        for name, score in (("predictor", conf), ("max_softmax", maxprob)):
+            th = choose_thresholds(part(score, tune), part(agree, tune), layers, target)
+            s = simulate(part(score, evals), part(agree, evals), th, num_layers)
+            frontier[name].append({"target": target, "agreement": s["agreement"], "mean_depth": s["mean_depth"]})
+
+    per_layer = []
+    for l in layers:
+        c, a = conf[l][evals], agree[l][evals].float()
+        row = {"layer": l, "head_agreement": float(a.mean()), "threshold": thresholds[l], "by_threshold": {}}
+        for t in GRID:
+            sel = c >= t
+            row["by_threshold"][str(t)] = {"exit_rate": float(sel.float().mean()),
+                                           "agreement": float(a[sel].mean()) if sel.any() else None}
+        per_layer.append(row)
+    summary = {
+        "model": engine.name, "head_type": cfg.head_type, "num_layers": num_layers, "exit_layers": layers,
+        "target": cfg.target, "thresholds": thresholds, "eval_tokens": len(evals),
+        "agreement": sim["agreement"], "mean_depth": sim["mean_depth"],
+        "exit_share_by_layer": sim["exit_share_by_layer"],
+        "depth_for_90pct_exits": depth_for_share(sim["exit_share_by_layer"], 0.9),
+        "baseline_max_softmax_0.9": {k: baseline[k] for k in ("agreement", "mean_depth")},
+        "check_cost": cost, "final_kl": losses[-1] if losses else None,
+        "prompts": cfg.num_prompts, "new_tokens": cfg.max_new_tokens, "steps": cfg.steps,
+    }
+    return CalibrationReport(summary, per_layer, frontier)
+
+
+def plot_report(report: CalibrationReport, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = report.summary
+    fig, ax = plt.subplots(1, 3, figsize=(15, 4))
+    ax[0].plot([r["layer"] for r in report.per_layer], [r["head_agreement"] for r in report.per_layer], "o-")
+    ax[0].set(xlabel="exit layer", ylabel="top-1 agreement with full model", title="exit head agreement", ylim=(0, 1))
+    shares = s["exit_share_by_layer"]
+    ax[1].bar(list(shares), [v / s["eval_tokens"] for v in shares.values()])
+    ax[1].set(xlabel="exit layer", ylabel="share of tokens",
+              title=f"exit depth @ target {s['target']}: agree {s['agreement']:.3f}, depth {s['mean_depth']:.2f}")
+    for name, pts in report.frontier.items():
+        ax[2].plot([p["mean_depth"] for p in pts], [p["agreement"] for p in pts], "o-", label=name)
+    ax[2].set(xlabel="mean exit depth (fraction of layers)", ylabel="agreement", title="quality vs depth")
+    ax[2].legend()
+    fig.suptitle(f"{s['model']} - {s['head_type']} heads")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
