@@ -1,0 +1,95 @@
+"""Replica-side telemetry: aggregate exit records in memory, flush with one pipeline.
+
+Never one write per token: `record` only bumps in-memory counters; `flush` sends a window's
+histogram and counters in one MULTI/EXEC pipeline. If Redis is unreachable the aggregates stay
+pending and are retried at the next flush, so tokens served always equal tokens recorded; only
+when pending data outgrows `max_pending_windows` is the oldest window discarded, and its token
+count goes into the `dropped` counter of the next successful flush.
+Not thread-safe: one thread both records and flushes.
+"""
+from __future__ import annotations
+
+import json
+import time
+from collections import Counter, defaultdict
+
+import redis
+
+from engine.sequence import ExitRecord
+from telemetry import schema
+
+
+class TelemetryWriter:
+    def __init__(self, candidate: str, config: schema.TelemetryConfig | None = None, client: redis.Redis | None = None,
+                 max_pending_windows: int = 360):
+        self.candidate, self.config = candidate, config or schema.TelemetryConfig()
+        self.redis = client or redis.Redis.from_url(self.config.redis_url, socket_timeout=2)
+        self.max_pending = max_pending_windows
+        self._exits: dict[int, Counter] = defaultdict(Counter)  # window -> layer -> tokens
+        self._counts: dict[int, Counter] = defaultdict(Counter)  # window -> field -> value
+        self._batches: list[dict] = []
+        self._dropped = 0
+
+    def record(self, exits: list[ExitRecord], busy_s: float, now: float | None = None) -> None:
+        """Account one engine step: its exit records and how long it kept the replica busy."""
+        w = schema.window_of(now if now is not None else time.time(), self.config.window_s)
+        hist, counts = self._exits[w], self._counts[w]
+        for rec in exits:
+            hist[rec.layer] += 1
+        greedy = sum(r.greedy for r in exits)
+        counts.update({"tokens": len(exits), "greedy": greedy, "breaches": greedy, "steps": 1,
+                       "busy_ms": round(busy_s * 1e3)})
+        if exits:
+            self._batches.append({"t": round(time.time(), 3), "rows": len(exits), "greedy": greedy,
+                                  "mean_layer": round(sum(r.layer for r in exits) / len(exits), 2),
+                                  "depth": exits[0].loaded_depth})
+        self._bound()
+
+    def record_shadow(self, checked: int, agreed: int, now: float | None = None) -> None:
+        """Full-depth re-checks done off the critical path; each disagreement is a breach."""
+        w = schema.window_of(now if now is not None else time.time(), self.config.window_s)
+        self._counts[w].update({"shadow_checked": checked, "shadow_agreed": agreed, "breaches": checked - agreed})
+
+    def flush(self) -> bool:
+        """Send everything pending; False (and nothing lost) if Redis cannot be reached."""
+        if not self._counts and not self._dropped:
+            return True
+        c = self.candidate
+        pipe = self.redis.pipeline(transaction=True)
+        pipe.sadd(schema.CANDIDATES, c)
+        totals = Counter()
+        for w, counts in self._counts.items():
+            for layer, n in self._exits[w].items():
+                pipe.hincrby(schema.exits_key(c, w), str(layer), n)
+            for f, n in counts.items():
+                pipe.hincrby(schema.counts_key(c, w), f, n)
+            pipe.expire(schema.exits_key(c, w), self.config.retention_s)
+            pipe.expire(schema.counts_key(c, w), self.config.retention_s)
+            totals.update(counts)
+        if self._dropped:
+            totals["dropped"] += self._dropped
+        for f, n in totals.items():
+            pipe.hincrby(schema.totals_key(c), f, n)
+        for b in self._batches:
+            pipe.xadd(schema.BATCHES, {"candidate": c, "summary": json.dumps(b)},
+                      maxlen=self.config.stream_maxlen, approximate=True)
+        try:
+            pipe.execute()
+        except redis.RedisError:
+            return False
+        self._exits.clear()
+        self._counts.clear()
+        self._batches.clear()
+        self._dropped = 0
+        return True
+
+    @property
+    def pending_tokens(self) -> int:
+        return sum(c["tokens"] for c in self._counts.values())
+
+    def _bound(self) -> None:
+        while len(self._counts) > self.max_pending:
+            oldest = min(self._counts)
+            self._dropped += self._counts.pop(oldest)["tokens"]
+            self._exits.pop(oldest, None)
+        del self._batches[: max(0, len(self._batches) - self.config.stream_maxlen)]
