@@ -1,0 +1,169 @@
+"""The HELIOS controller: a named, detached Ray actor.
+
+Each tick it reads every candidate's exit telemetry from Redis, feeds the serving candidate's
+breaches into the sliding counter, and when the counter trips asks the policy whether to load
+deeper layers or switch candidate, then does it. Routing answers come from the same state:
+profiling rounds first, otherwise the selected candidate. Every decision goes to a Redis stream
+with its evidence; the routing state is mirrored to Redis and restored on restart.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import ray
+import redis
+from ray import serve
+
+from controller import policies as P
+from controller.config import ControllerConfig
+from telemetry.reader import TelemetryReader
+from telemetry.schema import PREFIX, TelemetryConfig
+
+DECISIONS = f"{PREFIX}:decisions"
+STATE = f"{PREFIX}:controller:state"
+PROFILES = f"{PREFIX}:controller:profiles"  # candidate -> last measured profile (performance history)
+MEASURED = ("tokens_per_s", "step_ms", "greedy_rate", "mean_exit_layer", "agreement")
+log = logging.getLogger(__name__)
+
+
+@ray.remote(num_cpus=0)
+class HeliosController:
+    def __init__(self, config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):
+        self.cfg = ControllerConfig.model_validate(config)
+        tcfg = TelemetryConfig.model_validate(telemetry)
+        self.redis = redis.Redis.from_url(tcfg.redis_url, socket_timeout=2)
+        self.reader = TelemetryReader(tcfg, self.redis)
+        self.handles = {c: serve.get_deployment_handle(d, app_name) for c, d in deployments.items()}
+        self.names = sorted(deployments)
+        self.schedule = P.ProfilingSchedule(self.names, self.cfg.profile_every, self.cfg.profile_sample)
+        self.breaches = P.BreachCounter(self.cfg.breach_window, self.cfg.breach_max)
+        self.profiles: dict[str, P.CandidateProfile] = {}
+        self.seen: dict[str, tuple[int, int]] = {}  # candidate -> (tokens, breaches) already counted
+        saved = self.redis.hgetall(STATE)
+        self.current: str = saved.get(b"current", b"").decode() or self.names[0]
+        self.restored = bool(saved)
+        self._reselect = False  # a profiling round has been routed: choose again once it is measured
+        self._task = None
+
+    # ---- called by the gateway ---------------------------------------------------------------
+    def route(self) -> str:
+        was_profiling = self.schedule.profiling
+        choice = self.schedule.next()
+        self._reselect |= was_profiling and not self.schedule.profiling
+        return choice or self.current
+
+    # ---- called by operators and tests ---------------------------------------------------------
+    def state(self) -> dict:
+        return {"current": self.current, "profiling": self.schedule.profiling, "restored": self.restored,
+                "breaches_in_window": self.breaches.count,
+                "profiles": {n: {"depth": p.depth, "tokens_per_s": p.tokens_per_s, "agreement": p.agreement,
+                                 "greedy_rate": p.greedy_rate} for n, p in self.profiles.items()}}
+
+    def decisions(self, count: int = 50) -> list[dict]:
+        return [json.loads(f[b"decision"]) for _, f in self.redis.xrevrange(DECISIONS, count=count)]
+
+    async def start(self) -> None:
+        """Initial profile, selection and greedy loading, then the telemetry loop."""
+        if self._task is None:
+            await self._initial()
+            self._task = asyncio.get_running_loop().create_task(self._loop())
+
+    # ---- the loop --------------------------------------------------------------------------------
+    async def _initial(self) -> None:
+        saved = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(PROFILES).items()}
+        for name in self.names:
+            stats = await self.handles[name].stats.remote()
+            self.profiles[name] = p = self._profile_from(stats)
+            for f in MEASURED:
+                setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
+            self.seen[name] = self._totals(name)
+        if self.restored:
+            self._log(P.Decision("restore", self.current, self.profiles[self.current].depth,
+                                 "state restored from Redis after a restart"))
+            return
+        best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor) \
+            or self.profiles[self.current]
+        self.current = best.name
+        for name, p in self.profiles.items():
+            target = P.greedy_depth(p.exit_hist, self.cfg.greedy_share, p.num_layers)
+            if p.exit_hist and target != p.depth:
+                p.depth = await self.handles[name].load_layers.remote(target)
+                self._log(P.Decision("load_layers", name, p.depth, f"greedy loading: {self.cfg.greedy_share:.0%} "
+                                     "of calibrated exits happen by this depth", {"exit_hist": p.exit_hist}))
+        self._log(P.Decision("select", self.current, self.profiles[self.current].depth,
+                             "initial selection by calibrated quality and objective",
+                             {"objective": self.cfg.objective.value, "quality_floor": self.cfg.quality_floor}))
+
+    async def _loop(self) -> None:
+        while True:
+            try:
+                await self.tick()
+            except Exception:  # a bad tick must not end the control loop
+                log.exception("controller tick failed")
+            await asyncio.sleep(self.cfg.tick_s)
+
+    async def tick(self) -> P.Decision | None:
+        for name in self.names:
+            window = self.reader.window(name, windows=6)
+            p = self.profiles[name]
+            if window.tokens:
+                p.tokens_per_s = window.tokens_per_busy_s
+                p.step_ms = window.busy_ms / max(window.steps, 1)
+                p.greedy_rate = window.greedy_rate
+                p.mean_exit_layer = window.mean_exit_layer
+            if window.shadow_checked >= self.cfg.min_shadow_checks:  # live quality replaces calibration's
+                p.agreement = window.live_agreement
+            if window.tokens:
+                self.redis.hset(PROFILES, name, json.dumps({f: getattr(p, f) for f in MEASURED}))
+            tokens, breaches = self._totals(name)
+            old_t, old_b = self.seen.get(name, (0, 0))
+            self.seen[name] = (tokens, breaches)
+            if name == self.current and tokens > old_t:
+                self.breaches.observe(min(breaches - old_b, tokens - old_t), tokens - old_t)
+        if self._reselect and all(p.tokens_per_s > 0 for p in self.profiles.values()):
+            self._reselect = False
+            best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
+            if best is not None:
+                changed = best.name != self.current
+                if changed:
+                    self.current = best.name
+                    self.breaches.reset()
+                self._log(P.Decision("select", best.name, best.depth, "profiling round measured: best by objective "
+                                     f"within the quality floor ({'switched' if changed else 'kept'})",
+                                     {"objective": self.cfg.objective.value, "profiles": self.state()["profiles"]}))
+        if not self.breaches.tripped:
+            return None
+        cur = self.profiles[self.current]
+        decision = P.on_breach(cur, list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
+        decision.evidence["breaches_in_window"] = self.breaches.count
+        if decision.action == "load_deeper":
+            cur.depth = await self.handles[self.current].load_layers.remote(decision.depth)
+        elif decision.action == "switch":
+            self.current = decision.candidate
+        self.breaches.reset()
+        self._log(decision)
+        return decision
+
+    # ---- helpers ---------------------------------------------------------------------------------
+    def _totals(self, name: str) -> tuple[int, int]:
+        t = self.reader.totals(name)
+        return t.tokens, t.breaches
+
+    def _profile_from(self, stats: dict) -> P.CandidateProfile:
+        cal = stats.get("calibration") or {}
+        full = stats["depth"] == stats["num_layers"]
+        mem = stats["memory"]
+        return P.CandidateProfile(
+            name=stats["candidate"], num_layers=stats["num_layers"], depth=stats["depth"],
+            agreement=cal.get("agreement", 1.0 if full else 0.0), layer_bytes=mem["per_layer"],
+            base_bytes=mem["base"], exit_hist={int(k): v for k, v in cal.get("exit_share_by_layer", {}).items()})
+
+    def _log(self, decision: P.Decision) -> None:
+        entry = {**decision.to_dict(), "t": time.time()}
+        pipe = self.redis.pipeline()
+        pipe.xadd(DECISIONS, {"decision": json.dumps(entry)}, maxlen=10_000, approximate=True)
+        pipe.hset(STATE, mapping={"current": self.current})
+        pipe.execute()
