@@ -1,0 +1,49 @@
+"""The cluster's one config schema: composes each layer's own config model.
+
+Used by the CLI (`helios serve --config x.yaml`, or HELIOS_CONFIG) and by Serve YAML through
+`import_path: cluster.app:build_app` (the same fields under `args`).
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, Field, model_validator
+
+from controller.config import ControllerConfig
+from deployments.model_server import CandidateConfig
+from engine import EngineConfig
+from telemetry.schema import TelemetryConfig
+
+
+def _default_candidates() -> list[CandidateConfig]:
+    return [CandidateConfig(name="smollm2", engine=EngineConfig(model="smollm2")),
+            CandidateConfig(name="gemma3", engine=EngineConfig(model="gemma3"))]
+
+
+class ClusterConfig(BaseModel):
+    candidates: list[CandidateConfig] = Field(default_factory=_default_candidates, min_length=1)
+    controller: ControllerConfig = Field(default_factory=ControllerConfig)
+    telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    host: str = Field("127.0.0.1", description="Address the HTTP gateway binds.")
+    port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP gateway.")
+    app_name: str = "helios"
+    default_max_tokens: int = Field(64, ge=1)
+
+    @model_validator(mode="after")
+    def _unique_names(self):
+        names = [c.name for c in self.candidates]
+        if len(set(names)) != len(names) or "auto" in names:
+            raise ValueError(f"candidate names must be unique and not 'auto': {names}")
+        return self
+
+    @classmethod
+    def load(cls, path: str | Path | None = None) -> "ClusterConfig":
+        """From a YAML file (or HELIOS_CONFIG), with REDIS_URL overriding the telemetry URL."""
+        path = path or os.environ.get("HELIOS_CONFIG")
+        data = yaml.safe_load(Path(path).read_text()) if path else {}
+        cfg = cls.model_validate(data or {})
+        if os.environ.get("REDIS_URL"):
+            cfg.telemetry.redis_url = os.environ["REDIS_URL"]
+        return cfg

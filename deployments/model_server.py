@@ -1,0 +1,197 @@
+"""One Serve deployment class, bound once per candidate EE-LLM.
+
+The engine steps in a worker thread so the replica's event loop keeps accepting and streaming
+requests; anything that mutates the engine's layer stack (load_layers, aborts) is queued and
+applied by that thread between steps, so a step never sees a half-changed model.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import concurrent.futures
+import random
+import time
+from dataclasses import dataclass, field
+
+from pydantic import BaseModel, Field
+from ray import serve
+
+from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
+from telemetry.schema import TelemetryConfig
+from telemetry.writer import TelemetryWriter
+
+
+class CandidateConfig(BaseModel):
+    """A candidate EE-LLM: one model, its loaded depth and exits, served by one deployment."""
+
+    name: str = Field(description="Candidate name; the OpenAI `model` field that pins it.")
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    num_replicas: int = Field(1, ge=1)
+    max_ongoing_requests: int = Field(64, ge=1)
+    shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early/greedy exits of greedy-decoded "
+                                                             "requests re-checked at full depth off the critical path.")
+
+
+@dataclass(slots=True)
+class Chunk:
+    """One streamed piece of a request's output."""
+
+    request_id: str
+    text: str  # new text since the previous chunk
+    token_ids: list[int]
+    finished: bool
+    finish_reason: str | None
+    prompt_tokens: int
+    completion_tokens: int
+    candidate: str
+    exit_layers: list[int] = field(default_factory=list)  # exit layer of each new token
+    greedy_exits: int = 0
+    loaded_depth: int = 0
+
+
+@serve.deployment(ray_actor_options={"num_cpus": 0})
+class ModelServer:
+    def __init__(self, candidate: dict, telemetry: dict, verifier=None):
+        cfg = CandidateConfig.model_validate(candidate)
+        self.name = cfg.name
+        self.verifier, self.shadow_rate = verifier, cfg.shadow_rate if verifier is not None else 0.0
+        self._history: dict[str, list[int]] = {}  # tokens so far of greedy-decoded requests (shadow samples)
+        # recent verifier calls stay referenced here: nothing awaits them, and a dropped response
+        # object must not take its request with it
+        self._in_flight_checks: collections.deque = collections.deque(maxlen=256)
+        self.engine = LLMEngine(cfg.engine)
+        self.writer = TelemetryWriter(self.name, TelemetryConfig.model_validate(telemetry))
+        self.flush_every = self.writer.config.flush_every_s
+        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-step")
+        self._ops: collections.deque = collections.deque()
+        self._queues: dict[str, asyncio.Queue] = {}
+        self._wake: asyncio.Event | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._served = 0
+
+    # ---- requests ----------------------------------------------------------------------------
+    async def generate(self, request: dict):
+        """Stream Chunks for {"prompt": str | "messages": [...], "params": {...}, "request_id": str}."""
+        self._start()
+        params = SamplingParams.model_validate(request.get("params", {}))
+        prompt = request.get("prompt")
+        if request.get("messages") is not None:
+            prompt = self.chat_prompt(request["messages"])
+        queue: asyncio.Queue = asyncio.Queue()
+        if isinstance(prompt, str):
+            prompt = self.engine.tokenizer(prompt)["input_ids"]
+        rid = self.engine.add_request(prompt, params, request.get("request_id"))  # raises RequestError
+        self._queues[rid] = queue
+        if self.shadow_rate and params.temperature == 0.0:
+            self._history[rid] = list(prompt)
+        self._wake.set()
+        sent = ""
+        try:
+            while True:
+                out, exits = await queue.get()
+                delta, sent = out.text[len(sent):], out.text
+                yield Chunk(rid, delta, out.new_token_ids, out.finished, out.finish_reason, out.num_prompt_tokens,
+                            out.num_output_tokens, self.name, [e.layer for e in exits],
+                            sum(e.greedy for e in exits), self.engine.depth)
+                if out.finished:
+                    return
+        finally:
+            self._history.pop(rid, None)
+            if self._queues.pop(rid, None) is not None and not self._finished(rid):
+                self._ops.append(lambda: self.engine.abort(rid))  # client went away
+
+    def chat_prompt(self, messages: list[dict]) -> str:
+        tok = self.engine.tokenizer
+        if not tok.chat_template:
+            raise RequestError("messages", f"candidate {self.name!r} has no chat template")
+        return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+    # ---- operations ----------------------------------------------------------------------------
+    async def load_layers(self, depth: int) -> int:
+        """Change the resident depth between two steps; returns the new depth."""
+        self._start()
+        done: asyncio.Future = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+
+        def op():
+            try:
+                self.engine.load_layers(depth)
+                loop.call_soon_threadsafe(done.set_result, self.engine.depth)
+            except Exception as e:  # reported to the caller; the replica keeps serving
+                loop.call_soon_threadsafe(done.set_exception, e)
+        self._ops.append(op)
+        self._wake.set()
+        return await done
+
+    def stats(self) -> dict:
+        mem = self.engine.memory_bytes()
+        exits = self.engine.exits
+        return {"candidate": self.name, "depth": self.engine.depth, "num_layers": self.engine.num_layers,
+                "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
+                "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
+                "calibration": exits.meta if exits else None}
+
+    def check_health(self) -> None:
+        if self._loop_task is not None and self._loop_task.done() and self._loop_task.exception():
+            raise RuntimeError(f"step loop died: {self._loop_task.exception()!r}")
+
+    def _shadow_sample(self, out) -> None:
+        """Send a sample of this step's early and greedy exits to the full-depth verifier."""
+        samples = []
+        tokens = {o.request_id: o.new_token_ids for o in out.outputs}
+        for rec in out.exits:
+            history = self._history.get(rec.request_id)
+            if history is None:
+                continue
+            if rec.layer < self.engine.num_layers and random.random() < self.shadow_rate:
+                samples.append((history[: rec.position], tokens[rec.request_id][0]))
+            history.extend(tokens[rec.request_id])
+        if samples:  # fire and forget: the verifier writes its findings to telemetry itself
+            self._in_flight_checks.append(self.verifier.verify.remote(self.name, samples))
+
+    # ---- the step loop ---------------------------------------------------------------------------
+    def _start(self) -> None:
+        if self._loop_task is None:
+            self._wake = asyncio.Event()
+            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+
+    def _finished(self, rid: str) -> bool:
+        return not any(s.request_id == rid for s in [*self.engine.scheduler.running, *self.engine.scheduler.waiting])
+
+    def _step(self):
+        while self._ops:
+            self._ops.popleft()()
+        if not self.engine.has_unfinished():
+            return None
+        t = time.perf_counter()
+        out = self.engine.step()
+        self.writer.record(out.exits, time.perf_counter() - t)
+        return out
+
+    async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
+        last_flush = time.monotonic()
+        while True:
+            out = await loop.run_in_executor(self._pool, self._step)
+            if time.monotonic() - last_flush >= self.flush_every:
+                # on the step thread: record() and flush() must never interleave, or records made
+                # between building the pipeline and clearing the buffers would be lost
+                await loop.run_in_executor(self._pool, self.writer.flush)  # a failed flush keeps its data
+                last_flush = time.monotonic()
+            if out is None:
+                self._wake.clear()
+                if not self._ops:
+                    try:
+                        await asyncio.wait_for(self._wake.wait(), timeout=self.flush_every)
+                    except asyncio.TimeoutError:
+                        pass
+                continue
+            by_request: dict[str, list] = collections.defaultdict(list)
+            for rec in out.exits:
+                by_request[rec.request_id].append(rec)
+            self._shadow_sample(out)
+            for o in out.outputs:
+                self._served += len(o.new_token_ids)
+                q = self._queues.get(o.request_id)
+                if q is not None:
+                    q.put_nowait((o, by_request[o.request_id]))
