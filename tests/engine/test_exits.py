@@ -1,0 +1,91 @@
+"""Per-token exits with trained heads: records, greedy exits, KV fill."""
+import math
+
+import torch
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.thresholds import OFF
+from tests.conftest import PROMPTS
+
+
+def _engine(ref, **kw):
+    return LLMEngine(EngineConfig(model="smollm2", home=ref.home, **kw))
+
+
+def test_calibration_writes_heads_thresholds_and_report(smollm2_calibrated):
+    ref, report = smollm2_calibrated
+    exits = ref.home / "smollm2" / "exits"
+    for name in ("exits.json", "exits.safetensors", "report.json", "report.png"):
+        assert (exits / name).is_file(), name
+    s = report.summary
+    assert s["exit_layers"] == list(range(2, 30, 2))
+    assert all(0.0 <= t <= OFF for t in s["thresholds"].values())
+    assert 0.0 < s["mean_depth"] <= 1.0 and 0.0 <= s["agreement"] <= 1.0
+    assert sum(s["exit_share_by_layer"].values()) == s["eval_tokens"]
+    assert s["check_cost"]["check_ms"] > 0
+
+
+def test_exit_records_one_per_token_and_greedy_flag_exact(smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    thresholds = {l: 0.6 for l in range(2, 30, 2)}
+    engine = _engine(ref, depth=20, thresholds=thresholds)
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=16))
+    layers = set()
+    for r in results:
+        assert len(r.exits) == len(r.token_ids)
+        assert [e.position for e in r.exits] == sorted({e.position for e in r.exits})
+        for e in r.exits:
+            layers.add(e.layer)
+            assert 1 <= e.layer <= 20 and e.loaded_depth == 20 and e.model == "smollm2"
+            reached = e.confidence >= thresholds[e.layer]
+            assert e.greedy == (not reached)
+            assert not e.greedy or e.layer == 20  # only the last loaded layer exits unconfident
+    assert len(layers) > 1, "rows of the batches should leave at different layers"
+
+
+def test_full_depth_exits_are_never_greedy(smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    engine = _engine(ref, thresholds={l: 0.8 for l in range(2, 30, 2)})
+    for r in engine.generate(PROMPTS[:2], SamplingParams(max_tokens=12)):
+        assert all(not e.greedy and not math.isnan(e.confidence) for e in r.exits)
+
+
+def test_disabled_thresholds_give_full_model_tokens(smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    off = _engine(ref, thresholds={l: OFF for l in range(2, 30, 2)}).generate(PROMPTS, SamplingParams(max_tokens=16))
+    plain = _engine(ref, exits=False).generate(PROMPTS, SamplingParams(max_tokens=16))
+    assert [r.token_ids for r in off] == [r.token_ids for r in plain]
+    assert all(e.layer == 30 for r in off for e in r.exits)
+
+
+def _logits_after_forced_exit(ref, kv_fill: str, exit_layer: int):
+    """Prefill at full depth, generate one token that exits at `exit_layer`, then return the
+    full-depth logits of the following token and the token ids they condition on."""
+    engine = _engine(ref, kv_fill=kv_fill)
+    bank = engine.exits
+    prompt = engine.tokenizer(PROMPTS[3])["input_ids"]
+    engine.add_request(prompt, SamplingParams(max_tokens=3))
+    bank.set_thresholds({l: OFF for l in bank.layers})
+    first = engine.step().outputs[0].new_token_ids  # prefill at full depth
+    bank.set_thresholds({exit_layer: 0.0})  # every row leaves at exit_layer
+    step = engine.step()
+    assert step.exits[0].layer == exit_layer
+    bank.set_thresholds({l: OFF for l in bank.layers})
+    captured = {}
+    original = engine.model.logits
+    engine.model.logits = lambda h: captured.setdefault("logits", original(h))
+    engine.step()
+    return captured["logits"][0].float(), prompt + first + step.outputs[0].new_token_ids
+
+
+def test_kv_fill_brings_later_tokens_closer_to_full_depth(smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    with_fill, ids = _logits_after_forced_exit(ref, "copy", 8)
+    without, ids_without = _logits_after_forced_exit(ref, "none", 8)
+    assert ids == ids_without
+    with torch.no_grad():
+        full = torch.log_softmax(ref.hf(torch.tensor([ids])).logits[0, -1].float(), -1)
+
+    def kl(logits):
+        return float(torch.sum(full.exp() * (full - torch.log_softmax(logits, -1))))
+    assert kl(with_fill) < kl(without), (kl(with_fill), kl(without))
