@@ -42,6 +42,12 @@ class EngineConfig(BaseModel):
     thresholds: dict[int, float] | None = Field(
         None, description="Per-layer confidence thresholds overriding the calibrated ones (layer -> threshold)."
     )
+    exit_policy: Literal["full", "batch", "greedy", "rebatch"] = Field(
+        "rebatch", description="full: no exits; batch: the batch leaves when every row is confident; greedy "
+        "(HELIOS): rows take their token at their first confident layer and ride along; rebatch (DREX): "
+        "confident rows leave and the rest regroup when the planner predicts it pays.")
+    batch_quorum: float = Field(1.0, gt=0.0, le=1.0, description="`batch` policy: share of rows that must be "
+                                "confident for the batch to leave; below 1 the others are forced out.")
     kv_fill: Literal["copy", "none"] = Field(
         "copy", description="How skipped layers' KV is filled for exited tokens: state copy, or left empty."
     )

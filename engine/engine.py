@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 from engine.config import EngineConfig, SamplingParams
 from engine.exits import ExitBank
 from engine.model import EEModel
+from engine.rebatch import RebatchPlanner, measure_cost
 from engine.runner import extend_stack, run_stack
 from engine.sampling import sample
 from engine.scheduler import Scheduler
@@ -33,6 +34,18 @@ class RequestError(ValueError):
 
     def __reduce__(self):  # crosses process boundaries (Ray) intact
         return type(self), (self.field, str(self))
+
+
+@dataclass(slots=True)
+class EngineStats:
+    """Cumulative counters since the engine started."""
+
+    tokens: int = 0
+    row_layers: int = 0  # decoder-layer passes over one row: the compute actually spent
+    greedy_exits: int = 0
+    involuntary_exits: int = 0  # rows forced out before they were confident: 0 under `rebatch`
+    splits: int = 0
+    splits_skipped: int = 0
 
 
 @dataclass(slots=True)
@@ -62,9 +75,13 @@ class LLMEngine:
             self.exits.to(self.model.device, self.dtype)
             if config.thresholds:
                 self.exits.set_thresholds(config.thresholds)
+        # the split decision needs this device's layer costs; measured before any request owns a slot.
+        # With one slot, or no exits, there is never a batch to split.
+        splits = config.exit_policy == "rebatch" and self.exits is not None and config.max_batch_size > 1
+        self.planner = RebatchPlanner(measure_cost(self.model, config.max_batch_size)) if splits else None
+        self.stats = EngineStats()
         self.scheduler = Scheduler(config.max_batch_size, self.eos_ids, config.max_model_len, self._detokenize)
         self._ids = itertools.count()
-        self.num_tokens_generated = 0
 
     # ---- public API ------------------------------------------------------------------------
     @property
@@ -116,12 +133,20 @@ class LLMEngine:
             last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
         ctx = self.model.make_ctx(slots, positions)
         h = self.model.embed_tokens(ids)
-        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, self.config.kv_fill == "copy")
+        cfg = self.config
+        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill == "copy",
+                          cfg.exit_policy, self.planner, cfg.batch_quorum)
         tokens = sample(stack.logits, seqs)
-        records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth)
-                   for s, e in zip(seqs, stack.exits)]
+        records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth,
+                              e.involuntary) for s, e in zip(seqs, stack.exits)]
         outputs = self.scheduler.postprocess(seqs, tokens)
-        self.num_tokens_generated += len(tokens)
+        st = self.stats
+        st.tokens += len(tokens)
+        st.row_layers += stack.row_layers
+        st.greedy_exits += sum(e.greedy for e in stack.exits)
+        st.involuntary_exits += sum(e.involuntary for e in stack.exits)
+        st.splits += stack.splits
+        st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
 
     def load_layers(self, depth: int) -> None:

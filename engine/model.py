@@ -17,6 +17,14 @@ from engine.kv_cache import KVCache
 from engine.store import CheckpointError, LayerStore
 
 
+def run_start(idx: torch.Tensor) -> int | None:
+    """`idx[0]` when `idx` is idx[0], idx[0]+1, ... in order (rows or slots readable as a view), else None."""
+    if idx.numel() == 0:
+        return None
+    first = int(idx[0])
+    return first if bool((idx == torch.arange(first, first + len(idx), device=idx.device)).all()) else None
+
+
 @dataclass(slots=True)
 class BatchCtx:
     """Where a batch of rows sits: which cache slots and positions, and their RoPE tables."""
@@ -31,8 +39,9 @@ class BatchCtx:
     def select(self, rows: torch.Tensor) -> "BatchCtx":
         rope = {t: (c[rows], s[rows]) for t, (c, s) in self.rope.items()}
         masks = {t: m[rows] for t, m in self.masks.items()}
-        return replace(self, slots=self.slots[rows], positions=self.positions[rows], rope=rope, masks=masks,
-                       first_slot=None)
+        slots = self.slots[rows]  # rows whose slots still form a run keep reading the cache as a view
+        return replace(self, slots=slots, positions=self.positions[rows], rope=rope, masks=masks,
+                       first_slot=run_start(slots))
 
 
 def _rotate_half(x):
@@ -124,9 +133,7 @@ class EEModel(nn.Module):
             masks[t] = kpos <= qpos
             if t == "sliding_attention":
                 masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
-        first = int(slots[0])
-        contiguous = bool((slots == torch.arange(first, first + len(slots), device=slots.device)).all())
-        return BatchCtx(slots, positions, length, rope, masks, first if contiguous else None)
+        return BatchCtx(slots, positions, length, rope, masks, run_start(slots))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)

@@ -1,22 +1,33 @@
-"""One pass through the loaded layer stack with per-row early exits.
+"""One pass through the loaded layer stack under an exit policy.
 
-Decode: after each exit layer, rows whose predictor clears the threshold leave the batch; their
-token comes from that layer's head, and the layers they skip get their KV by state copy. The rest
-continue. Rows still present at the last loaded layer exit there: normally at full depth, a
-"greedy exit" when the stack is truncated and they never became confident.
+Decode, at each exit point, rows whose predictor clears the threshold take their token from that
+layer's head. What happens to them next is the policy:
+- `full`: no exit points are checked.
+- `batch` (what earlier EE frameworks do): the batch leaves together only when every row is
+  confident (or a `quorum` share of them: the rows forced out then are involuntary exits).
+- `greedy` (HELIOS): each row's token comes from its first confident layer, but the batch keeps
+  its shape; done rows ride along, so their deeper KV is exact and nothing is saved on them.
+- `rebatch` (DREX): done rows leave when the planner predicts the smaller batch pays for the
+  regroup and the leavers' KV fill (state copy); otherwise they ride along. Nobody is forced out.
+Rows still present at the last loaded layer exit there: normally at full depth, a "greedy exit"
+when the stack is truncated and they never became confident.
 
 Prefill: every prompt position must reach every loaded layer (later tokens attend to all of
 them), so rows are never dropped; the first generated token still comes from the first layer
-whose check it passes, so a token's exit means the same thing in prefill and decode.
+whose check passes, so a token's exit means the same thing in prefill and decode.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
 from engine.exits import ExitBank
-from engine.model import BatchCtx, EEModel
+from engine.model import BatchCtx, EEModel, run_start
+from engine.rebatch import RebatchPlanner
+
+ExitPolicy = Literal["full", "batch", "greedy", "rebatch"]
 
 
 @dataclass(slots=True)
@@ -24,68 +35,113 @@ class RowExit:
     layer: int
     confidence: float
     greedy: bool
+    involuntary: bool = False  # left an exit point before its own predictor was confident
 
 
 @dataclass(slots=True)
 class StackOutput:
     logits: torch.Tensor  # [b, vocab], each row from the head it exited through
     exits: list[RowExit]  # one per row
+    row_layers: int = 0  # sum over layers run of rows in the batch: the compute actually spent
+    splits: int = 0  # regroups done (rebatch)
+    splits_skipped: int = 0  # regroups the planner judged not worth it (rebatch)
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits.float(), -1).amax(-1)
 
 
+@dataclass
+class _Rows:
+    """Bookkeeping of one pass: per original row, where and how it left."""
+
+    b: int
+    depth: int
+    layer: torch.Tensor = field(init=False)
+    conf: torch.Tensor = field(init=False)
+    greedy: torch.Tensor = field(init=False)
+    involuntary: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        self.layer = torch.full((self.b,), self.depth, dtype=torch.long)
+        self.conf = torch.full((self.b,), float("nan"))
+        self.greedy = torch.zeros(self.b, dtype=torch.bool)
+        self.involuntary = torch.zeros(self.b, dtype=torch.bool)
+
+
 @torch.inference_mode()
 def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: BatchCtx, last_idx: torch.Tensor,
-              is_prefill: bool, kv_fill: bool = True) -> StackOutput:
+              is_prefill: bool, kv_fill: bool = True, policy: ExitPolicy = "rebatch",
+              planner: RebatchPlanner | None = None, quorum: float = 1.0) -> StackOutput:
     # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T
     b, depth = h.shape[0], model.depth
     # each row's hidden state after its exit head; the vocabulary projection, memory-bound on the
     # LM head's weights, then runs once per step for all rows whatever layers they left at
     out = torch.empty(b, h.shape[-1], device=h.device, dtype=h.dtype)
-    layer = torch.full((b,), depth, dtype=torch.long)
-    conf = torch.full((b,), float("nan"))
-    greedy = torch.zeros(b, dtype=torch.bool)
+    rec = _Rows(b, depth)
+    result = StackOutput(out, [])
     rows = torch.arange(b, device=h.device)  # original index of each row still in the batch
-    live = torch.ones(b, dtype=torch.bool, device=h.device)  # prefill: rows without a token yet
-    checks = {l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0} if bank else {}
+    live = torch.ones(b, dtype=torch.bool, device=h.device)  # rows without a token yet
+    checks = {} if policy == "full" or bank is None else {
+        l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0}
 
     for i in range(depth):
         h = model.layer_forward(i, h, ctx)
+        result.row_layers += h.shape[0]
         point = checks.get(i + 1)
         if point is None:
             continue
         last = h[torch.arange(h.shape[0], device=h.device), last_idx]
         c = point.predictor(last)
-        leave = (c >= point.threshold) & live
+        confident = c >= point.threshold
+        leave = confident & live
+        if policy == "batch":
+            n_live = int(live.sum())
+            if int(leave.sum()) < max(1, quorum * n_live):
+                continue  # rows wait for the slowest
+            leave = live.clone()
         if not bool(leave.any()):
             continue
         idx = leave.nonzero().squeeze(1)
         out[rows[idx]] = point.head(last[idx])
-        layer[rows[idx].cpu()], conf[rows[idx].cpu()] = i + 1, c[idx].float().cpu()
+        cpu_idx = rows[idx].cpu()
+        rec.layer[cpu_idx], rec.conf[cpu_idx] = i + 1, c[idx].float().cpu()
+        rec.involuntary[cpu_idx] = ~confident[idx].cpu()
+        live &= ~leave
         if is_prefill:
-            live &= ~leave
             continue
-        model.kv.top_hidden[ctx.slots[idx], ctx.positions[idx, 0]] = h[idx, 0]
+        n_live = int(live.sum())
+        if n_live and policy != "batch":
+            if policy == "greedy":
+                continue
+            loses_view = ctx.first_slot is not None and run_start(live.nonzero().squeeze(1)) is None
+            if planner is not None and not planner.decide(h.shape[0], h.shape[0] - n_live, depth - i - 1,
+                                                          ctx.length, loses_view).split:
+                result.splits_skipped += 1
+                continue
+            result.splits += 1
+        done = (~live).nonzero().squeeze(1)  # every row with a token, riders included
+        model.kv.top_hidden[ctx.slots[done], ctx.positions[done, 0]] = h[done, 0]
         if kv_fill:
-            model.fill_kv(i + 1, h[idx], ctx.select(idx))
-        keep = (~leave).nonzero().squeeze(1)
-        if keep.numel() == 0:
+            model.fill_kv(i + 1, h[done], ctx.select(done))
+        if n_live == 0:
             break
+        keep = live.nonzero().squeeze(1)
         h, ctx, rows, last_idx, live = h[keep], ctx.select(keep), rows[keep], last_idx[keep], live[keep]
     else:
-        _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, conf, greedy)
+        _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec)
 
     logits = model.logits(out)
-    final_head = conf.isnan()
+    final_head = rec.conf.isnan()
     if bool(final_head.any()):  # left through the model's own head: no predictor, use its max probability
-        conf[final_head] = _max_prob(logits[final_head.to(logits.device)]).float().cpu()
-    exits = [RowExit(int(l), float(c), bool(g)) for l, c, g in zip(layer, conf, greedy)]
-    return StackOutput(logits, exits)
+        rec.conf[final_head] = _max_prob(logits[final_head.to(logits.device)]).float().cpu()
+    result.logits = logits
+    result.exits = [RowExit(int(l), float(c), bool(g), bool(v))
+                    for l, c, g, v in zip(rec.layer, rec.conf, rec.greedy, rec.involuntary)]
+    return result
 
 
-def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, conf, greedy) -> None:
+def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows) -> None:
     """Rows that reached the last loaded layer leave there: a greedy exit unless the stack is whole."""
     if is_prefill:
         model.kv.top_hidden[ctx.slots, : h.shape[1]] = h
@@ -102,10 +158,10 @@ def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, c
     elif point is not None:
         out[rows[pending]] = point.head(last)
         c = point.predictor(last).float().cpu()
-        conf[idx], greedy[idx] = c, c < point.threshold
+        rec.conf[idx], rec.greedy[idx] = c, c < point.threshold
     else:  # truncated without a trained head: the model's own final head is the exit
         out[rows[pending]] = last
-        greedy[idx] = True
+        rec.greedy[idx] = True
 
 
 @torch.inference_mode()

@@ -48,6 +48,12 @@ class ExitRecord:
     greedy: bool  # True when the token left at the last loaded layer without reaching a threshold
     model: str  # candidate name
     loaded_depth: int  # decoder layers resident when the token was produced
+    involuntary: bool = False  # forced out by its batch before its own predictor was confident
+
+    @property
+    def breach(self) -> bool:
+        """The token left before its predictor was confident: a greedy or an involuntary exit."""
+        return self.greedy or self.involuntary
 
 
 @dataclass(slots=True)
