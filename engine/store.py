@@ -12,6 +12,9 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import shutil
+import tempfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +24,9 @@ from tqdm.auto import tqdm
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2", "gemma3_text")
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+# transformers' from_pretrained swaps process-wide state while it builds a model (default dtype,
+# parameter init hooks); two loads in threads at once leave later models built wrong
+_HF_LOAD = threading.Lock()
 
 
 class CheckpointError(ValueError):
@@ -71,11 +77,12 @@ def load_hf(source: Source):
     kw = {"gguf_file": source.gguf_file} if source.gguf_file else {}
     check_arch(AutoConfig.from_pretrained(source.path, **kw))
     tokenizer = AutoTokenizer.from_pretrained(source.path, **kw)
-    model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kw).eval()
+    with _HF_LOAD:
+        model = AutoModelForCausalLM.from_pretrained(source.path, dtype=torch.float32, **kw).eval()
     return model, tokenizer
 
 
-def convert(model, tokenizer, out: Path) -> Path:
+def convert(model, tokenizer, out: Path, name: str | None = None) -> Path:
     """Split a loaded transformers causal LM into the per-layer store at `out`."""
     config = model.config
     check_arch(config)
@@ -94,7 +101,7 @@ def convert(model, tokenizer, out: Path) -> Path:
         base["lm_head.weight"] = model.lm_head.weight
     save_file(_contiguous(base), out / "base.safetensors")
     layer_bytes = []
-    for i, layer in enumerate(tqdm(inner.layers, desc=f"converting {out.name}", unit="layer")):
+    for i, layer in enumerate(tqdm(inner.layers, desc=f"converting {name or out.name}", unit="layer")):
         sd = _contiguous(layer.state_dict())
         save_file(sd, out / "layers" / f"{i:03d}.safetensors")
         layer_bytes.append(sum(t.numel() * t.element_size() for t in sd.values()))
@@ -115,8 +122,22 @@ def ensure_converted(model: str, home: Path) -> Path:
     if (out / "manifest.json").is_file():
         return out
     hf, tokenizer = load_hf(source)
-    convert(hf, tokenizer, out)
-    del hf
+    # replicas that start together may convert the same model at once: each writes a directory of
+    # its own and moves it into place whole, so no reader ever sees a half-written store
+    home.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}-", dir=home))
+    try:
+        convert(hf, tokenizer, tmp, name=source.name)
+        del hf
+        if out.is_dir() and not (out / "manifest.json").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # left by an interrupted conversion
+        try:
+            tmp.rename(out)
+        except OSError:  # another process finished first; its store is as good as ours
+            if not (out / "manifest.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -1,4 +1,8 @@
 """Any local Hugging Face checkpoint directory of a supported family loads and matches transformers."""
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -35,3 +39,28 @@ def test_local_checkpoint_matches_transformers(smollm2, tmp_path, arch, extra):
             out = model.generate(**ids, max_new_tokens=12, do_sample=False, min_new_tokens=12)
         assert result.token_ids == out[0, ids["input_ids"].shape[1]:].tolist()
     assert engine.store.num_layers == 4
+
+
+def _first_use(ckpt: str, home: str) -> str:
+    from engine.store import ensure_converted
+
+    return str(ensure_converted(ckpt, Path(home)))
+
+
+def test_concurrent_first_use_converts_once_and_whole(smollm2, tmp_path):
+    """Replicas of one model start together; each must find a complete store, none a half-written one."""
+    from engine.store import LayerStore
+
+    config = AutoConfig.for_model("llama", vocab_size=len(smollm2.tokenizer), **SMALL)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "ckpt")
+    smollm2.tokenizer.save_pretrained(tmp_path / "ckpt")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "stale").mkdir()  # an unrelated directory stays untouched
+    # processes, as replicas are: threads would share transformers' process-wide loading state
+    with ProcessPoolExecutor(3, mp_context=multiprocessing.get_context("spawn")) as pool:
+        outs = list(pool.map(_first_use, [str(tmp_path / "ckpt")] * 3, [str(home)] * 3))
+    assert len(set(outs)) == 1
+    store = LayerStore(Path(outs[0]))
+    assert store.num_layers == 4 and all(store.layer(i) for i in range(4))
+    assert sorted(p.name for p in home.iterdir()) == sorted(["stale", Path(outs[0]).name])  # no temp dirs left
