@@ -19,6 +19,7 @@ from ray import serve
 
 from controller import policies as P
 from controller.config import ControllerConfig
+from telemetry.metrics import ControllerMetrics
 from telemetry.reader import TelemetryReader
 from telemetry.schema import PREFIX, TelemetryConfig
 
@@ -45,11 +46,16 @@ class HeliosController:
         saved = self.redis.hgetall(STATE)
         self.current: str = saved.get(b"current", b"").decode() or self.names[0]
         self.restored = bool(saved)
+        self.pinned: str | None = saved.get(b"pinned", b"").decode() or None  # set by an operator
+        self.metrics = ControllerMetrics()
         self._reselect = False  # a profiling round has been routed: choose again once it is measured
         self._task = None
+        self._started: asyncio.Future | None = None
 
     # ---- called by the gateway ---------------------------------------------------------------
     def route(self) -> str:
+        if self.pinned:
+            return self.pinned
         was_profiling = self.schedule.profiling
         choice = self.schedule.next()
         self._reselect |= was_profiling and not self.schedule.profiling
@@ -57,32 +63,84 @@ class HeliosController:
 
     # ---- called by operators and tests ---------------------------------------------------------
     def state(self) -> dict:
-        return {"current": self.current, "profiling": self.schedule.profiling, "restored": self.restored,
-                "breaches_in_window": self.breaches.count,
+        return {"current": self.current, "pinned": self.pinned, "profiling": self.schedule.profiling,
+                "restored": self.restored, "breaches_in_window": self.breaches.count,
+                "breach_limit": [self.cfg.breach_max, self.cfg.breach_window],
                 "profiles": {n: {"depth": p.depth, "tokens_per_s": p.tokens_per_s, "agreement": p.agreement,
                                  "greedy_rate": p.greedy_rate} for n, p in self.profiles.items()}}
 
     def decisions(self, count: int = 50) -> list[dict]:
         return [json.loads(f[b"decision"]) for _, f in self.redis.xrevrange(DECISIONS, count=count)]
 
+    def snapshot(self, windows: int = 6) -> dict:
+        """Everything the operator page shows: routing state, live telemetry per candidate, decisions."""
+        live = {}
+        for name in self.names:
+            w = self.reader.window(name, windows=windows)
+            live[name] = {"exits": w.exits, "tokens": w.tokens, "greedy": w.greedy, "breaches": w.breaches,
+                          "involuntary": w.involuntary, "tokens_per_s": w.tokens_per_busy_s,
+                          "live_agreement": w.live_agreement, "mean_exit_layer": w.mean_exit_layer}
+        return {**self.state(), "window_s": windows * self.reader.config.window_s, "candidates": live,
+                "decisions": self.decisions(20)}
+
+    # ---- operator actions (the gateway's admin API) ----------------------------------------------
+    def reprofile(self) -> dict:
+        self.schedule.start_round()
+        self._reselect = False
+        self._log(P.Decision("reprofile", self.current, self.profiles[self.current].depth,
+                             "operator asked for a profiling round"))
+        return self.state()
+
+    def _check_candidate(self, candidate: str) -> None:
+        if candidate not in self.names:
+            raise ValueError(f"unknown candidate {candidate!r}; expected one of {self.names}")
+
+    def pin(self, candidate: str | None) -> dict:
+        """Route every request to `candidate`; None hands routing back to the controller."""
+        if candidate is not None:
+            self._check_candidate(candidate)
+        self.pinned = candidate
+        if candidate:
+            self.current = candidate
+            self.breaches.reset()
+        self._log(P.Decision("pin" if candidate else "unpin", self.current, self.profiles[self.current].depth,
+                             f"operator pinned {candidate}" if candidate else "operator released the pin"))
+        return self.state()
+
+    async def set_depth(self, candidate: str, depth: int) -> dict:
+        self._check_candidate(candidate)
+        p = self.profiles[candidate]
+        if not 1 <= depth <= p.num_layers:
+            raise ValueError(f"depth {depth} outside 1..{p.num_layers} for {candidate}")
+        p.depth = await self.handles[candidate].load_layers.remote(depth)
+        self._log(P.Decision("set_depth", candidate, p.depth, "operator set the loaded depth"))
+        return self.state()
+
     async def start(self) -> None:
-        """Initial profile, selection and greedy loading, then the telemetry loop."""
-        if self._task is None:
-            await self._initial()
-            self._task = asyncio.get_running_loop().create_task(self._loop())
+        """Initial profile, selection and greedy loading, then the telemetry loop (once, however often called)."""
+        if self._started is None:
+            self._started = asyncio.ensure_future(self._start())
+        await asyncio.shield(self._started)
+
+    async def _start(self) -> None:
+        await self._initial()
+        self._task = asyncio.get_running_loop().create_task(self._loop())
 
     # ---- the loop --------------------------------------------------------------------------------
     async def _initial(self) -> None:
         saved = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(PROFILES).items()}
         for name in self.names:
             stats = await self.handles[name].stats.remote()
-            self.profiles[name] = p = self._profile_from(stats)
+            self.profiles[name] = p = P.CandidateProfile.from_calibration(
+                name, stats["num_layers"], stats["depth"], stats.get("calibration"), stats["memory"])
             for f in MEASURED:
                 setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
             self.seen[name] = self._totals(name)
         if self.restored:
             self._log(P.Decision("restore", self.current, self.profiles[self.current].depth,
-                                 "state restored from Redis after a restart"))
+                                 "state restored from Redis after a restart",
+                                 {"profiles": {n: {f: getattr(p, f) for f in MEASURED}
+                                               for n, p in self.profiles.items()}}))
             return
         best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor) \
             or self.profiles[self.current]
@@ -134,7 +192,7 @@ class HeliosController:
                 self._log(P.Decision("select", best.name, best.depth, "profiling round measured: best by objective "
                                      f"within the quality floor ({'switched' if changed else 'kept'})",
                                      {"objective": self.cfg.objective.value, "profiles": self.state()["profiles"]}))
-        if not self.breaches.tripped:
+        if not self.breaches.tripped or self.pinned:
             return None
         cur = self.profiles[self.current]
         decision = P.on_breach(cur, list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
@@ -152,18 +210,17 @@ class HeliosController:
         t = self.reader.totals(name)
         return t.tokens, t.breaches
 
-    def _profile_from(self, stats: dict) -> P.CandidateProfile:
-        cal = stats.get("calibration") or {}
-        full = stats["depth"] == stats["num_layers"]
-        mem = stats["memory"]
-        return P.CandidateProfile(
-            name=stats["candidate"], num_layers=stats["num_layers"], depth=stats["depth"],
-            agreement=cal.get("agreement", 1.0 if full else 0.0), layer_bytes=mem["per_layer"],
-            base_bytes=mem["base"], exit_hist={int(k): v for k, v in cal.get("exit_share_by_layer", {}).items()})
-
     def _log(self, decision: P.Decision) -> None:
         entry = {**decision.to_dict(), "t": time.time()}
         pipe = self.redis.pipeline()
         pipe.xadd(DECISIONS, {"decision": json.dumps(entry)}, maxlen=10_000, approximate=True)
-        pipe.hset(STATE, mapping={"current": self.current})
+        pipe.hset(STATE, mapping={"current": self.current, "pinned": self.pinned or ""})
         pipe.execute()
+        self.metrics.decision(decision.action, decision.candidate)
+
+
+def ensure_controller(config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):
+    """The named, detached controller actor: the running one, or a new one."""
+    cfg = ControllerConfig.model_validate(config)
+    return HeliosController.options(name=cfg.actor_name, namespace=cfg.namespace, lifetime="detached",
+                                    get_if_exists=True).remote(config, telemetry, deployments, app_name)

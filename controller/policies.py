@@ -37,6 +37,17 @@ class CandidateProfile:
     mean_exit_layer: float = 0.0
     exit_hist: dict[int, int] = field(default_factory=dict)  # calibration's exit layer -> tokens
 
+    @classmethod
+    def from_calibration(cls, name: str, num_layers: int, depth: int, calibration: dict | None,
+                         memory: dict[str, int]) -> "CandidateProfile":
+        """Before any measurement: quality and exit depths from the calibration report (a candidate
+        without one is trusted only at full depth), sizes from the engine's `memory_bytes()`."""
+        cal = calibration or {}
+        return cls(name=name, num_layers=num_layers, depth=depth,
+                   agreement=cal.get("agreement", 1.0 if depth == num_layers else 0.0),
+                   layer_bytes=memory["per_layer"], base_bytes=memory["base"],
+                   exit_hist={int(k): v for k, v in cal.get("exit_share_by_layer", {}).items()})
+
     def max_batch(self, memory_budget: int, context: int) -> int:
         """Sequences of `context` tokens that fit beside the weights at the loaded depth."""
         free = memory_budget - self.base_bytes - self.depth * self.layer_bytes
@@ -151,6 +162,10 @@ class ProfilingSchedule:
 
     def _round(self) -> list[str]:
         return [c for c in self.candidates for _ in range(self.sample)]
+
+    def start_round(self) -> None:
+        """Profile every candidate again, beginning with the next request."""
+        self._queue = self._round()
 
     def next(self) -> str | None:
         """The candidate a new request must be profiled on, or None to follow the routing table."""

@@ -2,7 +2,7 @@
 
 Per candidate c and time window w (w = floor(unix_time / window_s)):
     helios:c:{c}:w:{w}:exits     hash  exit layer -> tokens that left there
-    helios:c:{c}:w:{w}:counts    hash  tokens, greedy, breaches, steps, dropped, busy_ms,
+    helios:c:{c}:w:{w}:counts    hash  tokens, greedy, breaches, involuntary, steps, dropped, busy_ms,
                                        shadow_checked, shadow_agreed (full-depth re-checks of exits)
     helios:c:{c}:totals          hash  the same counts since the candidate started
     helios:candidates            set   candidate names that ever wrote
@@ -18,7 +18,7 @@ from pydantic import BaseModel, Field
 PREFIX = "helios"
 CANDIDATES = f"{PREFIX}:candidates"
 BATCHES = f"{PREFIX}:batches"
-COUNT_FIELDS = ("tokens", "greedy", "breaches", "steps", "dropped", "busy_ms", "shadow_checked", "shadow_agreed")
+COUNT_FIELDS = ("tokens", "greedy", "breaches", "involuntary", "steps", "dropped", "busy_ms", "shadow_checked", "shadow_agreed")
 
 
 class TelemetryConfig(BaseModel):
@@ -55,6 +55,7 @@ class WindowStats:
     tokens: int = 0
     greedy: int = 0
     breaches: int = 0
+    involuntary: int = 0  # rows forced out by their batch before they were confident
     steps: int = 0
     dropped: int = 0
     busy_ms: float = 0.0

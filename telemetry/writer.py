@@ -37,7 +37,8 @@ class TelemetryWriter:
         for rec in exits:
             hist[rec.layer] += 1
         greedy = sum(r.greedy for r in exits)
-        counts.update({"tokens": len(exits), "greedy": greedy, "breaches": greedy, "steps": 1,
+        counts.update({"tokens": len(exits), "greedy": greedy, "breaches": sum(r.breach for r in exits),
+                       "involuntary": sum(r.involuntary for r in exits), "steps": 1,
                        "busy_ms": round(busy_s * 1e3)})
         if exits:
             self._batches.append({"t": round(time.time(), 3), "rows": len(exits), "greedy": greedy,

@@ -62,3 +62,12 @@ def test_profiling_schedule_samples_each_candidate_at_start_and_every_n():
     assert first == ["a", "a", "b", "b", None, None]
     rest = [s.next() for _ in range(14)]
     assert rest[-1] == "a" and s.profiling  # request 20 starts a new round
+
+
+def test_profile_from_calibration_trusts_an_uncalibrated_candidate_only_at_full_depth():
+    mem = {"per_layer": 100, "base": 1000}
+    cal = {"agreement": 0.96, "exit_share_by_layer": {"8": 3, "30": 7}}
+    p = CandidateProfile.from_calibration("a", 30, 24, cal, mem)
+    assert (p.agreement, p.exit_hist, p.layer_bytes, p.base_bytes) == (0.96, {8: 3, 30: 7}, 100, 1000)
+    assert CandidateProfile.from_calibration("b", 30, 30, None, mem).agreement == 1.0
+    assert CandidateProfile.from_calibration("c", 30, 24, None, mem).agreement == 0.0

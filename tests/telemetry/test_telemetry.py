@@ -23,14 +23,15 @@ def test_histogram_and_counters_round_trip(cfg):
     writer, reader = TelemetryWriter("cand", cfg), TelemetryReader(cfg)
     writer.record(_records([4, 4, 20, 12], greedy_at=20), busy_s=0.5, now=1000.0)
     writer.record(_records([20, 20]), busy_s=0.25, now=1005.0)
-    writer.record(_records([8]), busy_s=0.1, now=1012.0)  # next window
+    forced = ExitRecord("r", 9, 8, 0.2, False, "cand", 20, involuntary=True)  # pushed out by a batch rule
+    writer.record(_records([8]) + [forced], busy_s=0.1, now=1012.0)  # next window
     assert writer.flush()
     both = reader.window("cand", windows=2, now=1012.0)
-    assert both.exits == {4: 2, 8: 1, 12: 1, 20: 3}
-    assert (both.tokens, both.greedy, both.breaches, both.steps) == (7, 1, 1, 3)
-    assert both.busy_ms == 850 and both.tokens_per_busy_s == pytest.approx(7 / 0.85)
-    assert reader.window("cand", windows=1, now=1012.0).tokens == 1
-    assert reader.totals("cand").tokens == 7
+    assert both.exits == {4: 2, 8: 2, 12: 1, 20: 3}
+    assert (both.tokens, both.greedy, both.involuntary, both.breaches, both.steps) == (8, 1, 1, 2, 3)
+    assert both.busy_ms == 850 and both.tokens_per_busy_s == pytest.approx(8 / 0.85)
+    assert reader.window("cand", windows=1, now=1012.0).tokens == 2
+    assert reader.totals("cand").tokens == 8
     assert reader.candidates() == ["cand"]
     assert len(reader.recent_batches()) == 3
 
