@@ -14,7 +14,7 @@ def deployment_name(candidate: str) -> str:
 
 
 def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
-    cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args or {})
+    cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args or {}).with_env()
     telemetry = cfg.telemetry.model_dump()
     verifiers = {}  # one full-depth verifier per distinct model, shared by its candidates
     for i, c in enumerate(cfg.candidates):
@@ -23,8 +23,12 @@ def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
                 c.engine.model_dump(mode="json"), telemetry)
     servers = {
         c.name: ModelServer.options(name=deployment_name(c.name), num_replicas=c.num_replicas,
-                                    max_ongoing_requests=c.max_ongoing_requests).bind(
+                                    max_ongoing_requests=c.max_ongoing_requests,
+                                    ray_actor_options={"num_cpus": 0, "num_gpus": c.num_gpus}).bind(
             c.model_dump(mode="json"), telemetry, verifiers.get(c.engine.model) if c.shadow_rate > 0 else None)
         for c in cfg.candidates
     }
-    return Gateway.bind(servers, (cfg.controller.actor_name, cfg.controller.namespace), cfg.default_max_tokens)
+    # the gateway starts the controller when none runs: under KubeRay nothing else would
+    controller = {"config": cfg.controller.model_dump(mode="json"), "telemetry": telemetry,
+                  "deployments": {c.name: deployment_name(c.name) for c in cfg.candidates}, "app_name": cfg.app_name}
+    return Gateway.bind(servers, controller, cfg.default_max_tokens, cfg.admin_api_key)

@@ -1,9 +1,10 @@
-"""`helios` command line: serve, generate, calibrate, convert."""
+"""`helios` command line: serve, generate, calibrate, convert, bench, dashboards, k8s."""
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _generate(args) -> int:
@@ -67,6 +68,37 @@ def _convert(args) -> int:
     return 0
 
 
+def _dashboards(args) -> int:
+    from telemetry import dashboards
+
+    if args.action == "render":
+        for path in dashboards.render(Path(args.out)):
+            print(path)
+        return 0
+    try:
+        reply = dashboards.push(args.grafana_url, args.api_key, args.folder_uid)
+    except Exception as e:  # grafana-client raises its own hierarchy, plus connection errors
+        raise RuntimeError(f"push to {args.grafana_url} failed: {e}") from e
+    print(json.dumps(reply))
+    return 0
+
+
+def _k8s(args) -> int:
+    from cluster.config import ClusterConfig
+    from cluster.k8s import render
+
+    for path in render(ClusterConfig.load(args.config), Path(args.out)):
+        print(path)
+    return 0
+
+
+def _bench(args) -> int:
+    from bench.helios import main as bench_main
+
+    bench_main(args.rest)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="helios", description=__doc__)
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -104,6 +136,29 @@ def main(argv: list[str] | None = None) -> int:
     v.add_argument("model")
     v.set_defaults(fn=_convert)
 
+    d = sub.add_parser("dashboards", help="Grafana dashboards: render JSON and provisioning files, or push")
+    dsub = d.add_subparsers(dest="action", required=True)
+    r = dsub.add_parser("render", help="write the dashboard JSON and file-provisioning YAML")
+    r.add_argument("--out", default="grafana", help="directory to write into")
+    p = dsub.add_parser("push", help="create or replace the dashboard in a running Grafana")
+    p.add_argument("--grafana-url", required=True)
+    p.add_argument("--api-key", required=True, help="a Grafana service-account token")
+    p.add_argument("--folder-uid", default=None)
+    d.set_defaults(fn=_dashboards)
+
+    k = sub.add_parser("k8s", help="render the generated Kubernetes manifests (RayService, dashboards)")
+    k.add_argument("action", choices=["render"])
+    k.add_argument("--config", default=None, help="cluster YAML (default: embedded defaults)")
+    k.add_argument("--out", default="k8s")
+    k.set_defaults(fn=_k8s)
+
+    b = sub.add_parser("bench", add_help=False, help="the HELIOS benchmark (`helios bench --help`)")
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(fn=_bench)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # its own parser owns every option, --help included
+        return _bench(argparse.Namespace(rest=argv[1:]))
     args = parser.parse_args(argv)
     try:
         return args.fn(args)

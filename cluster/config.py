@@ -30,6 +30,10 @@ class ClusterConfig(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP gateway.")
     app_name: str = "helios"
     default_max_tokens: int = Field(64, ge=1)
+    metrics_port: int = Field(8080, ge=0, le=65535, description="Where Ray's metrics agent serves Prometheus "
+                                                                 "text (local start).")
+    admin_api_key: str | None = Field(None, description="Enables the admin API (operator actions); "
+                                                        "HELIOS_ADMIN_KEY overrides it.")
 
     @model_validator(mode="after")
     def _unique_names(self):
@@ -43,7 +47,12 @@ class ClusterConfig(BaseModel):
         """From a YAML file (or HELIOS_CONFIG), with REDIS_URL overriding the telemetry URL."""
         path = path or os.environ.get("HELIOS_CONFIG")
         data = yaml.safe_load(Path(path).read_text()) if path else {}
-        cfg = cls.model_validate(data or {})
+        return cls.model_validate(data or {}).with_env()
+
+    def with_env(self) -> "ClusterConfig":
+        """REDIS_URL and HELIOS_ADMIN_KEY override the file: secrets stay out of config (Kubernetes)."""
         if os.environ.get("REDIS_URL"):
-            cfg.telemetry.redis_url = os.environ["REDIS_URL"]
-        return cfg
+            self.telemetry.redis_url = os.environ["REDIS_URL"]
+        if os.environ.get("HELIOS_ADMIN_KEY"):
+            self.admin_api_key = os.environ["HELIOS_ADMIN_KEY"]
+        return self

@@ -14,7 +14,7 @@ from ray import serve
 
 from cluster.app import build_app, deployment_name
 from cluster.config import ClusterConfig
-from controller.actor import HeliosController
+from controller.actor import ensure_controller
 
 
 class RedisUnreachable(RuntimeError):
@@ -71,7 +71,8 @@ def start(config: ClusterConfig, embedded_redis: bool) -> LocalCluster:
         proc, config.telemetry.redis_url = start_embedded_redis()
     else:
         check_redis(config.telemetry.redis_url)
-    ray.init(namespace=config.controller.namespace, ignore_reinit_error=True, include_dashboard=False)
+    ray.init(namespace=config.controller.namespace, ignore_reinit_error=True, include_dashboard=False,
+             _metrics_export_port=config.metrics_port)
     serve.start(http_options={"host": config.host, "port": config.port})
     serve.run(build_app(config), name=config.app_name, route_prefix="/")
     return LocalCluster(config, f"http://{config.host}:{config.port}", start_controller(config), proc)
@@ -80,8 +81,7 @@ def start(config: ClusterConfig, embedded_redis: bool) -> LocalCluster:
 def start_controller(config: ClusterConfig):
     """The named, detached controller actor (the existing one if it runs), started."""
     deployments = {c.name: deployment_name(c.name) for c in config.candidates}
-    controller = HeliosController.options(name=config.controller.actor_name, namespace=config.controller.namespace,
-                                          lifetime="detached", get_if_exists=True).remote(
-        config.controller.model_dump(), config.telemetry.model_dump(), deployments, config.app_name)
+    controller = ensure_controller(config.controller.model_dump(mode="json"), config.telemetry.model_dump(),
+                                   deployments, config.app_name)
     ray.get(controller.start.remote())
     return controller

@@ -1,4 +1,5 @@
-"""OpenAI-compatible REST gateway: /v1/completions, /v1/chat/completions, /v1/models, /health.
+"""OpenAI-compatible REST gateway: /v1/completions, /v1/chat/completions, /v1/models, /health,
+plus the operator page (/dashboard) and its admin API (/admin/...).
 
 `model: "auto"` asks the controller actor which candidate serves the request; a candidate's name
 pins it. Every response carries a `helios` extension field (OpenAI clients ignore it): the
@@ -9,15 +10,19 @@ from __future__ import annotations
 import logging
 
 import ray
-from fastapi import FastAPI, Request
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from deployments import openai_schema as oai
+from controller.actor import ensure_controller
+from controller.config import ControllerConfig
+from deployments import operator as op
 from engine import RequestError
+from telemetry.metrics import GatewayMetrics
 
 log = logging.getLogger("ray.serve")
 app = FastAPI(title="helios-serve")
@@ -69,11 +74,19 @@ def _usage(last) -> oai.Usage:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, servers: dict[str, DeploymentHandle], controller: tuple[str, str] | None = None,
-                 default_max_tokens: int = 64):
+    def __init__(self, servers: dict[str, DeploymentHandle], controller: dict | None = None,
+                 default_max_tokens: int = 64, admin_key: str | None = None):
         self.servers = {name: h.options(stream=True) for name, h in servers.items()}
-        self.controller, self.default_max_tokens = controller, default_max_tokens  # (actor name, namespace)
+        self.default_max_tokens = default_max_tokens
+        self.controller = None  # (actor name, namespace)
+        if controller is not None:
+            actor = ensure_controller(**controller)
+            self._controller_started = actor.start.remote()  # waits for the model servers; not awaited here
+            cfg = ControllerConfig.model_validate(controller["config"])
+            self.controller = (cfg.actor_name, cfg.namespace)
         self._chat: set[str] | None = None  # candidates with a chat template, learnt on first chat request
+        self.admin_key = admin_key
+        self.metrics = GatewayMetrics()
 
     @app.get("/health")
     async def health(self) -> dict:
@@ -110,12 +123,64 @@ class Gateway:
             message=oai.ChatMessageOut(content="".join(c.text for c in chunks)),
             finish_reason=chunks[-1].finish_reason)], usage=_usage(chunks[-1]), helios=_stats(chunks))
 
+    # ---- operator page and admin API --------------------------------------------------------------
+    @app.get("/dashboard", response_class=HTMLResponse)
+    async def dashboard(self) -> str:
+        return op.PAGE.read_text()
+
+    @app.get("/admin/state")
+    async def admin_state(self) -> dict:
+        return await self._controller_call("snapshot")
+
+    @app.post("/admin/reprofile")
+    async def admin_reprofile(self, authorization: str | None = Header(None)) -> dict:
+        self._admin(authorization)
+        return await self._controller_call("reprofile")
+
+    @app.post("/admin/pin")
+    async def admin_pin(self, body: op.PinBody, authorization: str | None = Header(None)) -> dict:
+        self._admin(authorization)
+        if body.candidate is not None:
+            self._known(body.candidate, "candidate")
+        return await self._controller_call("pin", body.candidate)
+
+    @app.post("/admin/depth")
+    async def admin_depth(self, body: op.DepthBody, authorization: str | None = Header(None)) -> dict:
+        self._admin(authorization)
+        self._known(body.candidate, "candidate")
+        return await self._controller_call("set_depth", body.candidate, body.depth, param="depth")
+
+    def _known(self, name: str, param: str) -> None:
+        if name not in self.servers:
+            raise APIError(404, f"{param} {name!r} does not exist; see /v1/models", param, "model_not_found")
+
+    def _admin(self, authorization: str | None) -> None:
+        refused = op.check_admin(self.admin_key, authorization)
+        if refused:
+            raise APIError(refused[0], refused[1], "authorization", "unauthorized")
+
+    async def _controller_call(self, method: str, *args, param: str | None = None):
+        try:
+            actor = ray.get_actor(*self.controller) if self.controller else None
+        except ValueError:
+            actor = None
+        if actor is None:
+            raise APIError(503, "the controller is not running", None, "controller_unavailable")
+        try:
+            return await getattr(actor, method).remote(*args)
+        except ray.exceptions.RayTaskError as e:
+            if isinstance(e.cause, ValueError):  # the controller refused the arguments
+                raise APIError(400, str(e.cause), param)
+            raise
+
     # ---- plumbing ----------------------------------------------------------------------------------
     async def _route(self, requested: str, chat: bool) -> str:
         if requested != "auto":
-            if requested not in self.servers:
-                raise APIError(404, f"model {requested!r} does not exist; see /v1/models", "model",
-                               "model_not_found")
+            self._known(requested, "model")
+            if chat and requested not in await self._chat_candidates():  # refused here, not in the replica
+                raise APIError(400, f"candidate {requested!r} has no chat template; use /v1/completions",
+                               "messages")
+            self.metrics.routed(requested, "pinned")
             return requested
         choice = sorted(self.servers)[0]
         if self.controller:
@@ -124,12 +189,17 @@ class Gateway:
             except ValueError:  # controller not started (yet): the first candidate serves
                 pass
         if chat:  # a base model without a chat template cannot take messages; "auto" avoids it
-            if self._chat is None:
-                stats = {n: await h.options(stream=False).stats.remote() for n, h in self.servers.items()}
-                self._chat = {n for n, s in stats.items() if s["chat"]}
-            if choice not in self._chat and self._chat:
-                choice = sorted(self._chat)[0]
+            able = await self._chat_candidates()
+            if choice not in able and able:
+                choice = sorted(able)[0]
+        self.metrics.routed(choice, "auto")
         return choice
+
+    async def _chat_candidates(self) -> set[str]:
+        if self._chat is None:
+            stats = {n: await h.options(stream=False).stats.remote() for n, h in self.servers.items()}
+            self._chat = {n for n, s in stats.items() if s["chat"]}
+        return self._chat
 
     async def _start(self, body, payload: dict):
         """Route, submit, and wait for the first chunk so bad requests fail before any byte is sent."""

@@ -11,12 +11,13 @@ import collections
 import concurrent.futures
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 from pydantic import BaseModel, Field
 from ray import serve
 
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
+from telemetry.metrics import ServerMetrics
 from telemetry.schema import TelemetryConfig
 from telemetry.writer import TelemetryWriter
 
@@ -28,6 +29,7 @@ class CandidateConfig(BaseModel):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
+    num_gpus: float = Field(0, ge=0, description="GPUs per replica (a fraction lets candidates share one).")
     shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early/greedy exits of greedy-decoded "
                                                              "requests re-checked at full depth off the critical path.")
 
@@ -61,6 +63,8 @@ class ModelServer:
         self._in_flight_checks: collections.deque = collections.deque(maxlen=256)
         self.engine = LLMEngine(cfg.engine)
         self.writer = TelemetryWriter(self.name, TelemetryConfig.model_validate(telemetry))
+        self.metrics = ServerMetrics(self.name, self.engine.num_layers)
+        self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
         self.flush_every = self.writer.config.flush_every_s
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-step")
         self._ops: collections.deque = collections.deque()
@@ -82,6 +86,7 @@ class ModelServer:
             prompt = self.engine.tokenizer(prompt)["input_ids"]
         rid = self.engine.add_request(prompt, params, request.get("request_id"))  # raises RequestError
         self._queues[rid] = queue
+        self._timing[rid] = [time.perf_counter(), 0.0]
         if self.shadow_rate and params.temperature == 0.0:
             self._history[rid] = list(prompt)
         self._wake.set()
@@ -97,6 +102,7 @@ class ModelServer:
                     return
         finally:
             self._history.pop(rid, None)
+            self._timing.pop(rid, None)
             if self._queues.pop(rid, None) is not None and not self._finished(rid):
                 self._ops.append(lambda: self.engine.abort(rid))  # client went away
 
@@ -129,6 +135,7 @@ class ModelServer:
         return {"candidate": self.name, "depth": self.engine.depth, "num_layers": self.engine.num_layers,
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
+                "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
                 "calibration": exits.meta if exits else None}
 
     def check_health(self) -> None:
@@ -155,6 +162,16 @@ class ModelServer:
             self._wake = asyncio.Event()
             self._loop_task = asyncio.get_running_loop().create_task(self._run())
 
+    def _observe_latency(self, rid: str, now: float) -> None:
+        timing = self._timing.get(rid)
+        if timing is None:
+            return
+        if timing[1]:
+            self.metrics.tpot.observe(now - timing[1])
+        else:
+            self.metrics.ttft.observe(now - timing[0])
+        timing[1] = now
+
     def _finished(self, rid: str) -> bool:
         return not any(s.request_id == rid for s in [*self.engine.scheduler.running, *self.engine.scheduler.waiting])
 
@@ -166,6 +183,8 @@ class ModelServer:
         t = time.perf_counter()
         out = self.engine.step()
         self.writer.record(out.exits, time.perf_counter() - t)
+        sched = self.engine.scheduler
+        self.metrics.step(out.exits, self.engine.depth, len(sched.waiting), len(sched.running))
         return out
 
     async def _run(self) -> None:
@@ -190,8 +209,10 @@ class ModelServer:
             for rec in out.exits:
                 by_request[rec.request_id].append(rec)
             self._shadow_sample(out)
+            now = time.perf_counter()
             for o in out.outputs:
                 self._served += len(o.new_token_ids)
+                self._observe_latency(o.request_id, now)
                 q = self._queues.get(o.request_id)
                 if q is not None:
                     q.put_nowait((o, by_request[o.request_id]))

@@ -13,6 +13,7 @@ import concurrent.futures
 from ray import serve
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from telemetry.metrics import shadow_breaches
 from telemetry.schema import TelemetryConfig
 from telemetry.writer import TelemetryWriter
 
@@ -25,6 +26,7 @@ class Verifier:
         self.telemetry = TelemetryConfig.model_validate(telemetry)
         self.writers: dict[str, TelemetryWriter] = {}
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="verifier")
+        self.breaches = shadow_breaches()
 
     async def verify(self, candidate: str, samples: list[tuple[list[int], int]]) -> tuple[int, int]:
         """-> (checked, agreed) for samples of (prefix token ids, token the candidate emitted)."""
@@ -38,4 +40,6 @@ class Verifier:
         writer = self.writers.setdefault(candidate, TelemetryWriter(candidate, self.telemetry))
         writer.record_shadow(len(samples), agreed)
         writer.flush()  # a failed flush keeps its counts for the next batch
+        if len(samples) > agreed:
+            self.breaches.inc(len(samples) - agreed, tags={"candidate": candidate})
         return len(samples), agreed

@@ -9,43 +9,11 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.local import RedisUnreachable, start
+from tests.cluster.conftest import FULL
 from telemetry.reader import TelemetryReader
 from telemetry.schema import TelemetryConfig
 
 pytestmark = pytest.mark.slow
-# exact token counts are asserted below; an early end-of-sequence must not cut a request short
-FULL = {"ignore_eos": True}
-
-
-@pytest.fixture(scope="module")
-def cluster(smollm2_calibrated, redis_url):
-    import redis
-
-    redis.Redis.from_url(redis_url).flushdb()
-    ref, _ = smollm2_calibrated
-    home = str(ref.home)
-    cfg = ClusterConfig.model_validate({
-        "port": 8931,
-        "candidates": [
-            # no exit heads at 8 of 30 layers: every token is a greedy exit, so this one breaches
-            {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": home},
-             "shadow_rate": 1.0},
-            {"name": "smollm2", "engine": {"model": "smollm2", "home": home}},
-        ],
-        "controller": {"quality_floor": 0.0, "breach_window": 30, "breach_max": 10, "profile_sample": 1,
-                       "tick_s": 0.5},
-        "telemetry": {"redis_url": redis_url, "flush_every_s": 0.5},
-    })
-    c = start(cfg, embedded_redis=False)
-    yield c
-    c.shutdown()
-
-
-@pytest.fixture(scope="module")
-def client(cluster):
-    import openai
-
-    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused")
 
 
 def _post(url: str, body: str) -> tuple[int, dict]:
@@ -99,7 +67,7 @@ def test_workload_shift_controller_acts_and_logs_why(cluster, client):
     for _ in range(12):  # "auto" routes to the selected candidate, which breaches on every token
         r = client.completions.create(model="auto", prompt="The weather today", max_tokens=6, extra_body=FULL)
         assert r.usage.completion_tokens == 6
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a wait, not a timing: under load a controller tick can lag
     acted = []
     while time.time() < deadline and not acted:
         acted = [d for d in ray.get(cluster.controller.decisions.remote()) if d["action"] in ("load_deeper", "switch")]
@@ -133,7 +101,7 @@ def test_shadow_verification_measures_live_agreement(cluster, client):
     for _ in range(3):
         client.completions.create(model="shallow", prompt="def add(a, b):", max_tokens=8, temperature=0,
                                   extra_body=FULL)
-    deadline = time.time() + 60
+    deadline = time.time() + 300  # a wait, not a timing: the verifier may still be working off a backlog
     while time.time() < deadline and reader.totals("shallow").shadow_checked - before.shadow_checked < 24:
         time.sleep(0.5)
     after = reader.totals("shallow")
@@ -152,16 +120,27 @@ def test_unreachable_redis_is_a_clear_error():
 
 
 def test_controller_restores_its_state_after_a_restart(cluster, client):
-    from cluster.local import start_controller
+    import redis
 
+    from cluster.local import start_controller
+    from controller.actor import PROFILES
+
+    store = redis.Redis.from_url(cluster.config.telemetry.redis_url)
+    client.completions.create(model="auto", prompt="Measure me", max_tokens=4, extra_body=FULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not store.hlen(PROFILES):  # the loop persists what it measured
+        time.sleep(0.5)
     before = ray.get(cluster.controller.state.remote())
     ray.kill(cluster.controller)
     time.sleep(1)
+    # what the dead actor left behind; the live profile moves with the telemetry windows, this does not
+    persisted = {k.decode(): json.loads(v) for k, v in store.hgetall(PROFILES).items()}
+    assert persisted
     cluster.controller = fresh = start_controller(cluster.config)
     after = ray.get(fresh.state.remote())
     assert after["restored"] and after["current"] == before["current"]
-    for name, p in before["profiles"].items():
-        assert after["profiles"][name]["tokens_per_s"] == pytest.approx(p["tokens_per_s"])
-    assert ray.get(fresh.decisions.remote(1))[0]["action"] == "restore"
+    restore = next(d for d in ray.get(fresh.decisions.remote(5)) if d["action"] == "restore")
+    for name, profile in persisted.items():
+        assert restore["evidence"]["profiles"][name] == profile
     r = client.completions.create(model="auto", prompt="Still here?", max_tokens=3, extra_body=FULL)
     assert r.usage.completion_tokens == 3
