@@ -44,13 +44,87 @@ def agreement(tokens: list[list[int]], reference: list[list[int]]) -> tuple[floa
     return same / max(total, 1), exact / max(len(reference), 1)
 
 
+@torch.no_grad()
+def token_agreement(model, tokenizer, prompts: list[str], outputs: list[list[int]]) -> float:
+    """Share of generated tokens the full-depth model picks too, given the same prefix.
+
+    Position-wise agreement punishes one early disagreement with every later position (the two
+    continuations drift apart); this is the per-token rate that exit thresholds are tuned for.
+    """
+    same = total = 0
+    device = next(model.parameters()).device
+    for prompt, out in zip(prompts, outputs):
+        if not out:
+            continue
+        ids = tokenizer(prompt)["input_ids"]
+        seq = torch.tensor([ids + out[:-1]], device=device)
+        picks = model(seq).logits[0, len(ids) - 1:].argmax(-1).tolist()
+        same += sum(a == b for a, b in zip(picks, out))
+        total += len(out)
+    return same / max(total, 1)
+
+
+def md_table(cols: list[str], rows: list[list]) -> list[str]:
+    """A Markdown table, floats to three significant figures."""
+    cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731
+    return ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)] + [
+        "| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
+
+
 def write(name: str, rows: list[dict], header: str, plot) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
-    cols = list(rows[0])
-    lines = [header, "", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in r.values()) + " |")
+    lines = [header, ""] + md_table(list(rows[0]), [list(r.values()) for r in rows])
     (RESULTS / f"{name}.md").write_text("\n".join(lines) + f"\n\n![{name}]({name}.png)\n")
     plot(RESULTS / f"{name}.png")
     return RESULTS / f"{name}.md"
+
+
+class EnergyMeter:
+    """Joules drawn by the GPU (NVML) or the CPU package (RAPL), or None where neither can be read."""
+
+    def __init__(self, device: str):
+        self._read = self._nvml() if device.startswith("cuda") else self._rapl()
+
+    def _nvml(self):
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+            handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
+            return lambda: pynvml.nvmlDeviceGetTotalEnergyConsumption(handle) / 1e3  # mJ -> J
+        except Exception:  # no pynvml, or a driver without energy counters
+            return None
+
+    def _rapl(self):
+        paths = sorted(Path("/sys/class/powercap").glob("intel-rapl:[0-9]*/energy_uj"))
+        try:
+            [int(p.read_text()) for p in paths]
+        except OSError:
+            return None
+        return (lambda: sum(int(p.read_text()) for p in paths) / 1e6) if paths else None
+
+    def __enter__(self):
+        self.start, self.joules = (self._read() if self._read else None), None
+        return self
+
+    def __exit__(self, *exc):
+        if self.start is not None:
+            self.joules = self._read() - self.start
+
+
+def rouge_l(candidate: list, reference: list) -> float:
+    """ROUGE-L F1 over token sequences (longest common subsequence)."""
+    if not candidate or not reference:
+        return 0.0
+    prev = [0] * (len(reference) + 1)
+    for x in candidate:
+        cur = [0]
+        for j, y in enumerate(reference):
+            cur.append(prev[j] + 1 if x == y else max(prev[j + 1], cur[j]))
+        prev = cur
+    lcs = prev[-1]
+    if lcs == 0:
+        return 0.0
+    p, r = lcs / len(candidate), lcs / len(reference)
+    return 2 * p * r / (p + r)

@@ -1,0 +1,214 @@
+"""The HELIOS benchmark: every serving mode on real workloads, in one run.
+
+    helios bench [--model smollm2] [--prompts 24] [--new-tokens 48] [--batch 8] [--device cpu]
+    helios bench --short          # seconds-scale smoke run (CI)
+
+Systems: transformers `generate` (the peer), our engine at full depth, the `batch` exit rule,
+DREX `rebatch`, HELIOS (two candidates: greedy-loaded and full depth, with profiling, selection,
+breach counting and load-deeper-or-switch), and HELIOS with `rebatch`. Workloads: HumanEval,
+chat prompts, and a drift from code to chat. Agreement and ROUGE-L are against the engine's own
+full-depth greedy output on the same workload.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from bench.common import RESULTS, EnergyMeter, agreement, machine, md_table, rouge_l, token_agreement
+from bench import llamacpp
+from bench.serving import Helios, Single, serve
+from bench.workloads import workload
+from engine import EngineConfig, LLMEngine
+
+SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", "HELIOS", "HELIOS + rebatch"]
+LLAMA_CPP = "llama.cpp"  # an optional extra: in the default systems only where llama-cpp-python is installed
+
+
+def _pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))]
+
+
+def _router(system: str, base: EngineConfig, args):
+    if system == "engine full depth":
+        return Single(LLMEngine(base.model_copy(update={"exit_policy": "full", "exits": False})))
+    if system in ("batch", "rebatch"):
+        return Single(LLMEngine(base.model_copy(update={"exit_policy": system})))
+    policy = "rebatch" if "rebatch" in system else "greedy"
+    engines = {f"{args.model}@greedy": LLMEngine(base.model_copy(update={"exit_policy": policy})),
+               f"{args.model}@full": LLMEngine(base.model_copy(update={"exit_policy": policy}))}
+    return Helios(engines, greedy_share=args.greedy_share, window=args.window, max_breaches=args.max_breaches,
+                  profile_tokens=args.profile_tokens, greedy_loaded=[f"{args.model}@greedy"])
+
+
+def _batch_in_budget(engine: LLMEngine, budget: int) -> int:
+    """Sequences of this engine's context length that fit in `budget` bytes beside its weights."""
+    mem = engine.memory_bytes()
+    per_seq = mem["kv_cache"] / engine.config.max_batch_size
+    return max(0, int((budget - mem["base"] - mem["layers"]) // per_seq))
+
+
+def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
+    if system == LLAMA_CPP:
+        from engine.store import resolve_source
+
+        source = resolve_source(args.model)
+        if not source.gguf_file:
+            raise SystemExit(f"llama.cpp needs a GGUF checkpoint; {args.model} is not one")
+        with EnergyMeter(args.device) as energy:
+            run = llamacpp.run(str(source.path / source.gguf_file), requests,
+                               lambda p: hf[1](p)["input_ids"], args.new_tokens)
+        return {"tok_s": sum(map(len, run.tokens)) / run.wall_s, "tokens": run.tokens, "ttft": run.ttft_s,
+                "tpot": run.tpot_s, "exits": [], "decisions": [], "kinds": [], "mem": run.file_bytes,
+                "engines": [], "energy": energy.joules}
+    if system == "transformers generate":
+        from bench.engine import run_peer
+
+        with EnergyMeter(args.device) as energy:
+            row = run_peer(hf[0], hf[1], [r.prompt for r in requests], args.new_tokens, args.batch, args.device)
+        return {"tok_s": row["tok_s"], "tokens": row["_tokens"], "ttft": [], "tpot": [], "exits": [],
+                "decisions": [], "kinds": [], "mem": row["mem_MiB"] * 2**20, "engines": [], "energy": energy.joules}
+    if system.startswith("HELIOS") or singles is None:
+        router = _router(system, base, args)
+    else:
+        if system not in singles:
+            singles[system] = _router(system, base, args)
+        router = singles[system]
+    with EnergyMeter(args.device) as energy:
+        run = serve(router, requests, args.batch, args.new_tokens, desc=system)
+    engines = list(router.engines.values())
+    return {"tok_s": len(run.exits) / run.wall_s, "tokens": run.tokens, "ttft": run.ttft_s, "tpot": run.tpot_s,
+            "exits": run.exits, "decisions": run.decisions, "kinds": run.kinds, "energy": energy.joules,
+            "mem": sum(e.memory_bytes()["total"] for e in engines), "engines": engines}
+
+
+def summarise(system, wl, r, ref_tokens, budget, verify) -> dict:
+    n = max(len(r["exits"]), sum(len(t) for t in r["tokens"]))
+    agree, _ = agreement(r["tokens"], ref_tokens)
+    engines = r["engines"]
+    serving = engines[-1] if len(engines) == 1 else None
+    if r["decisions"]:  # HELIOS: the candidate it ended on
+        last = [d for d in r["decisions"] if d["action"] in ("select", "switch", "load_deeper")]
+        name = last[-1]["candidate"] if last else None
+        serving = next((e for e in engines if name and e.name == name), engines[0])
+    return {
+        "system": system, "workload": wl, "tok_s": r["tok_s"],
+        "ttft_p50_ms": 1e3 * _pct(r["ttft"], 0.5), "tpot_p50_ms": 1e3 * _pct(r["tpot"], 0.5),
+        "tpot_p99_ms": 1e3 * _pct(r["tpot"], 0.99),
+        "mean_exit_layer": statistics.fmean(e.layer for e in r["exits"]) if r["exits"] else float("nan"),
+        "greedy_exits": sum(e.greedy for e in r["exits"]) / len(r["exits"]) if r["exits"] else 0.0,
+        "involuntary": sum(e.involuntary for e in r["exits"]),
+        "agreement": agree,
+        "token_agreement": verify(r["tokens"]),
+        "rouge_l": statistics.fmean(rouge_l(a, b) for a, b in zip(r["tokens"], ref_tokens)),
+        "mem_MiB": r["mem"] / 2**20,
+        "batch_in_budget": _batch_in_budget(serving, budget) if serving else float("nan"),
+        "J_per_tok": r["energy"] / n if r["energy"] is not None else float("nan"),
+        "decisions": len([d for d in r["decisions"] if d["action"] != "load"]),
+    }
+
+
+def main(argv=None) -> Path:
+    ap = argparse.ArgumentParser(prog="helios bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--prompts", type=int, default=24, help="requests per workload")
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, default=8, help="concurrent requests")
+    ap.add_argument("--workloads", nargs="+", default=["humaneval", "chat", "drift"])
+    ap.add_argument("--systems", nargs="+", choices=SYSTEMS + [LLAMA_CPP],
+                    default=SYSTEMS + ([LLAMA_CPP] if llamacpp.available() else []))
+    ap.add_argument("--greedy-share", type=float, default=0.9, help="HELIOS greedy loading: share of exits covered")
+    ap.add_argument("--window", type=int, default=100, help="HELIOS breach window (tokens)")
+    ap.add_argument("--max-breaches", type=int, default=50)
+    ap.add_argument("--profile-tokens", type=int, default=64, help="tokens measured per candidate before selecting")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--home", default=None, help="converted checkpoints (default: HELIOS_HOME)")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=None)
+    ap.add_argument("--short", action="store_true", help="tiny budget: 3 requests, 8 tokens, batch 2")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = ap.parse_args(argv)
+    args.command = "helios bench " + " ".join(shlex.quote(a) for a in argv)
+    if args.short:
+        args.prompts, args.new_tokens, args.batch = 3, 8, 2
+        args.window, args.max_breaches, args.profile_tokens = 8, 2, 4
+
+    base = EngineConfig(model=args.model, device=args.device, max_batch_size=args.batch, home=args.home)
+    probe = LLMEngine(base.model_copy(update={"max_batch_size": 1, "exit_policy": "full"}))
+    if probe.exits is None:
+        raise SystemExit(f"no calibrated exit heads for {args.model}: run `helios calibrate {args.model}` first")
+    tokenizer, full_weights = probe.tokenizer, probe.memory_bytes()
+    del probe
+    from engine.store import load_hf, resolve_source
+
+    # the transformers model is both the peer and the full-depth judge of every system's tokens
+    hf = load_hf(resolve_source(args.model))
+    hf[0].to(args.device)
+    systems = ["engine full depth"] + [s for s in args.systems if s != "engine full depth"]
+    rows, traces = [], {}
+    singles = {}  # engines of single-candidate systems are reused across workloads; HELIOS starts fresh
+    for wl in tqdm(args.workloads, desc="workloads"):
+        requests = workload(wl, args.prompts, tokenizer)
+        results = {s: run_system(s, base, requests, args, hf, singles) for s in systems}
+        ref = results["engine full depth"]
+        budget = full_weights["base"] + full_weights["layers"] + ref["engines"][0].memory_bytes()["kv_cache"]
+        prompts = [r.prompt for r in requests]
+        verify = lambda tokens: token_agreement(hf[0], hf[1], prompts, tokens)  # noqa: E731
+        for s in tqdm(args.systems, desc="verifying", leave=False):
+            rows.append(summarise(s, wl, results[s], ref["tokens"], budget, verify))
+        traces[wl] = {s: {"layers": [e.layer for e in r["exits"]], "greedy": [e.greedy for e in r["exits"]],
+                          "kinds": r["kinds"], "decisions": r["decisions"]}
+                      for s, r in results.items() if r["exits"]}
+    name = args.name or f"helios-{args.model}-{'gpu' if args.device.startswith('cuda') else 'cpu'}"
+    return write_results(args, rows, traces, name)
+
+
+def ratio_table(rows: list[dict]) -> list[str]:
+    """Each system's tokens/s over the baselines the targets are stated against, per workload."""
+    bases = [b for b in ("engine full depth", "batch", "transformers generate", LLAMA_CPP)
+             if any(r["system"] == b for r in rows)]
+    speed = {(r["system"], r["workload"]): r["tok_s"] for r in rows}
+    return md_table(["system", "workload"] + [f"x {b}" for b in bases],
+                    [[r["system"], r["workload"]] + [r["tok_s"] / speed[(b, r["workload"])] for b in bases]
+                     for r in rows])
+
+
+def write_results(args, rows, traces, name) -> Path:
+    from bench import plots
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps({"rows": rows, "traces": traces}, indent=1))
+    lines = [f"# HELIOS benchmark: {args.model}", "",
+             f"Command: `{args.command}`  ",
+             f"Machine: {machine(args.device)}  ",
+             f"Workload: {args.prompts} requests per workload, {args.new_tokens} new tokens each (ignore_eos), "
+             f"{args.batch} concurrent clients, greedy decoding. `agreement` (position-wise) and ROUGE-L are "
+             "against the engine's full-depth output; `token_agreement` is the share of generated tokens "
+             "that the full-depth model also picks given the same prefix. `batch_in_budget`: sequences that fit beside the "
+             "weights in the memory the full-depth engine uses for its weights plus its KV cache."
+             + (" llama.cpp serves the requests one after another (its Python binding runs one sequence); "
+                "its `mem_MiB` is the GGUF file it maps." if any(r["system"] == LLAMA_CPP for r in rows) else ""),
+             ""]
+    lines += md_table(list(rows[0]), [list(r.values()) for r in rows])
+    lines += ["", "Throughput ratios within this run (tokens/s of the row's system over the column's):", ""]
+    lines += ratio_table(rows)
+    figures = plots.render(rows, traces, out, name)
+    lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
+    md = out / f"{name}.md"
+    md.write_text("\n".join(lines) + "\n")
+    print(md.read_text())
+    return md
+
+
+if __name__ == "__main__":
+    main()

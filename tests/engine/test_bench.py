@@ -1,0 +1,36 @@
+"""`helios bench --short`: every system on every workload, end to end, table and plots written."""
+import json
+
+import pytest
+
+from bench import llamacpp
+from cluster.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+def test_short_benchmark_writes_its_table_and_plots(smollm2_calibrated, tmp_path):
+    ref, _ = smollm2_calibrated
+    assert main(["bench", "--short", "--home", str(ref.home), "--out", str(tmp_path), "--name", "short"]) == 0
+    rows = json.loads((tmp_path / "short.json").read_text())["rows"]
+    systems = {"transformers generate", "engine full depth", "batch", "rebatch", "HELIOS", "HELIOS + rebatch"}
+    if llamacpp.available():  # an optional peer: in the run wherever it is installed
+        systems.add("llama.cpp")
+    assert {(r["system"], r["workload"]) for r in rows} == {(s, w) for s in systems
+                                                            for w in ("humaneval", "chat", "drift")}
+    for r in rows:
+        assert r["tok_s"] > 0 and 0 <= r["agreement"] <= 1
+        if r["system"] == "engine full depth":
+            assert r["agreement"] == 1 and r["mean_exit_layer"] == 30
+            # the transformers judge agrees with our full-depth engine, so it is judging tokens, not noise
+            assert r["token_agreement"] >= 0.95
+        assert 0 <= r["token_agreement"] <= 1
+        if r["system"] in ("rebatch", "batch", "HELIOS + rebatch"):
+            assert r["involuntary"] == 0
+        if r["system"].startswith("HELIOS"):
+            assert r["decisions"] >= 1  # at least the selection after profiling
+    table = (tmp_path / "short.md").read_text()
+    assert "Machine:" in table and "Throughput ratios" in table
+    assert table.count("| HELIOS + rebatch |") == 6  # a row per workload in the table and in the ratios
+    for suffix in ("exits", "frontier", "drift"):
+        assert (tmp_path / f"short-{suffix}.png").read_bytes()[:4] == b"\x89PNG"
