@@ -45,19 +45,33 @@ class Scheduler:
             reason = None
             if token in self.eos_ids and not seq.params.ignore_eos:
                 reason = "stop"
-            seq.text = self.decode(seq.output_ids)
-            for stop in seq.params.stop:
-                cut = seq.text.find(stop)
-                if cut != -1:
-                    seq.text, reason = seq.text[:cut], "stop"
             if reason is None and (len(seq.output_ids) >= seq.params.max_tokens
                                    or seq.num_tokens >= self.max_model_len):
                 reason = "length"
+            seen = len(seq.text)
+            self._detokenize(seq, final=reason is not None)
+            for stop in seq.params.stop:  # only where a stop string could end in the new text
+                cut = seq.text.find(stop, max(0, seen - len(stop) + 1))
+                if cut != -1:
+                    seq.text, reason = seq.text[:cut], "stop"
             if reason:
                 self._finish(seq, reason)
             outputs.append(RequestOutput(seq.request_id, [token], seq.text, reason is not None, reason,
                                          len(seq.prompt_ids), len(seq.output_ids)))
         return outputs
+
+    def _detokenize(self, seq: Sequence, final: bool) -> None:
+        """Append the text the newest token completes, decoding a few ids rather than the whole output.
+
+        Both windows start at prefix_offset so tokenizers that drop a leading space at the start of a
+        decode treat them alike; a window ending inside a UTF-8 character waits for the next token.
+        """
+        ids = seq.output_ids
+        prefix = self.decode(ids[seq.prefix_offset:seq.read_offset])
+        new = self.decode(ids[seq.prefix_offset:])
+        if len(new) > len(prefix) and (final or not new.endswith("\ufffd")):
+            seq.text += new[len(prefix):]
+            seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
 
     def _finish(self, seq: Sequence, reason: str) -> None:
         seq.status, seq.finish_reason = Status.FINISHED, reason

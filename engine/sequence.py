@@ -25,6 +25,10 @@ class Sequence:
     slot: int = -1  # KV cache slot while running
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     text: str = ""  # detokenised output, cut at a stop string
+    # incremental detokenisation: output_ids[prefix_offset:read_offset] is the context the next
+    # token's text is decoded in; ids from read_offset on have not reached `text` yet
+    prefix_offset: int = 0
+    read_offset: int = 0
     generator: torch.Generator | None = None
 
     @property

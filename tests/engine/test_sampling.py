@@ -39,3 +39,19 @@ def test_eos_ends_a_request_unless_ignored(smollm2):
                                                     SamplingParams(max_tokens=60, ignore_eos=True)])
     assert normal.finish_reason == "stop" and normal.token_ids[-1] in engine.eos_ids
     assert len(ignoring.token_ids) == 60
+
+
+def test_text_grows_by_whole_characters_and_ends_as_the_decoded_output(smollm2):
+    """Streaming clients append each step's new text: it must never show half a UTF-8 character
+    (an emoji is several byte-level tokens) nor rewrite what was already sent."""
+    from engine.scheduler import Scheduler
+    from engine.sequence import Sequence
+
+    tok = smollm2.tokenizer
+    ids = tok("Größe: 世界 🌍🚀 done.\n    return x", add_special_tokens=False)["input_ids"]
+    sched = Scheduler(1, [], 10_000, lambda x: tok.decode(x, skip_special_tokens=True))
+    seq = Sequence("r", [1], SamplingParams(max_tokens=len(ids)))
+    texts = [sched.postprocess([seq], [t])[0].text for t in ids]
+    assert all("\ufffd" not in t for t in texts)
+    assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
+    assert texts[-1] == tok.decode(ids)
