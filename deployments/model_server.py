@@ -91,10 +91,14 @@ class ModelServer:
             self._history[rid] = list(prompt)
         self._wake.set()
         sent = ""
+        # a stop string can begin in text already produced; holding back its length minus one keeps
+        # what the client has received a prefix of the final, cut text
+        hold = max((len(s) for s in params.stop), default=1) - 1
         try:
             while True:
                 out, exits = await queue.get()
-                delta, sent = out.text[len(sent):], out.text
+                shown = out.text if out.finished else out.text[:max(len(sent), len(out.text) - hold)]
+                delta, sent = shown[len(sent):], shown
                 yield Chunk(rid, delta, out.new_token_ids, out.finished, out.finish_reason, out.num_prompt_tokens,
                             out.num_output_tokens, self.name, [e.layer for e in exits],
                             sum(e.greedy for e in exits), self.engine.depth)

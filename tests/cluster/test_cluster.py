@@ -35,6 +35,18 @@ def test_models_and_completions(client):
     assert all(1 <= l <= 30 for l in helios["exit_layers"])
 
 
+def test_stop_string_across_tokens_is_cut_streamed_or_not(client):
+    """A stop string that starts inside one token and ends in another: nothing of it reaches the client."""
+    args = dict(model="shallow", prompt="def fibonacci(n):", max_tokens=16, temperature=0)
+    free = client.completions.create(**args, extra_body=FULL).choices[0].text
+    start = free.index(" ", 2) + 2  # mid-word, so the stop string spans a token boundary
+    stop = free[start:start + 6]
+    whole = client.completions.create(**args, stop=[stop]).choices[0]
+    streamed = "".join(c.choices[0].text for c in client.completions.create(**args, stop=[stop], stream=True))
+    assert whole.finish_reason == "stop"
+    assert whole.text == streamed == free[: free.index(stop)]
+
+
 def test_chat_stream_and_not(client):
     msgs = [{"role": "user", "content": "Name a colour."}]
     r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, temperature=0)
