@@ -1,5 +1,6 @@
 """One real cluster for every test in this package: Ray Serve, Redis, SmolLM2 with its exit heads."""
 import socket
+from pathlib import Path
 
 import pytest
 
@@ -17,20 +18,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def without_chat_template(home: Path, into: Path) -> Path:
+    """The same converted SmolLM2, its tokenizer without a chat template, as the shipped Gemma-3 base
+    model is: files are linked, not copied."""
+    store = into / "smollm2"
+    store.mkdir(parents=True, exist_ok=True)
+    for f in (home / "smollm2").iterdir():
+        if f.name != "chat_template.jinja" and not (store / f.name).exists():
+            (store / f.name).symlink_to(f)
+    return into
+
+
 @pytest.fixture(scope="package")
-def cluster(smollm2_calibrated, redis_url):
+def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
     import redis
 
     redis.Redis.from_url(redis_url).flushdb()
     ref, _ = smollm2_calibrated
     home = str(ref.home)
+    base_home = str(without_chat_template(ref.home, tmp_path_factory.mktemp("base_home")))
     cfg = ClusterConfig.model_validate({
         "port": 8931,
         "metrics_port": free_port(),
         "admin_api_key": ADMIN_KEY,
         "candidates": [
-            # no exit heads at 8 of 30 layers: every token is a greedy exit, so this one breaches
-            {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": home},
+            # no exit heads at 8 of 30 layers: every token is a greedy exit, so this one breaches;
+            # and no chat template, so chat must avoid it
+            {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": base_home},
              "shadow_rate": 1.0},
             {"name": "smollm2", "engine": {"model": "smollm2", "home": home}},
         ],

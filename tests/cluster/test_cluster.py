@@ -47,6 +47,15 @@ def test_stop_string_across_tokens_is_cut_streamed_or_not(client):
     assert whole.text == streamed == free[: free.index(stop)]
 
 
+def test_chat_avoids_a_candidate_without_chat_template(cluster, client):
+    msgs = [{"role": "user", "content": "Hi"}]
+    status, reply = _post(cluster.url + "/v1/chat/completions", json.dumps({"model": "shallow", "messages": msgs}))
+    assert status == 400 and reply["error"]["param"] == "messages"
+    for _ in range(3):  # whichever candidate the controller routes to, chat lands on one that has a template
+        r = client.chat.completions.create(model="auto", messages=msgs, max_tokens=4)
+        assert r.model_extra["helios"]["candidate"] == "smollm2"
+
+
 def test_chat_stream_and_not(client):
     msgs = [{"role": "user", "content": "Name a colour."}]
     r = client.chat.completions.create(model="smollm2", messages=msgs, max_tokens=8, temperature=0)
