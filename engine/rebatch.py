@@ -40,10 +40,16 @@ class LayerCost:
 
 @dataclass(frozen=True, slots=True)
 class SplitDecision:
-    split: bool
     saved_s: float  # predicted time saved on the remaining layers
     cost_s: float  # predicted price of regrouping plus the leavers' KV fill
-    reason: str  # "pays" or "does not pay"
+
+    @property
+    def split(self) -> bool:
+        return self.saved_s > self.cost_s
+
+    @property
+    def reason(self) -> str:
+        return "pays" if self.split else "does not pay"
 
 
 class RebatchPlanner:
@@ -63,7 +69,7 @@ class RebatchPlanner:
         price = c.split_s + r * c.fill_s(leaving)
         if loses_view:
             price += r * c.gather_per_token_s * (rows - leaving) * context
-        return SplitDecision(saved > price, saved, price, "pays" if saved > price else "does not pay")
+        return SplitDecision(saved, price)
 
 
 def _timed(fn, reps: int) -> float:
