@@ -48,9 +48,12 @@ class EngineConfig(BaseModel):
         "confident rows leave and the rest regroup when the planner predicts it pays.")
     batch_quorum: float = Field(1.0, gt=0.0, le=1.0, description="`batch` policy: share of rows that must be "
                                 "confident for the batch to leave; below 1 the others are forced out.")
-    kv_fill: Literal["copy", "none"] = Field(
-        "copy", description="How skipped layers' KV is filled for exited tokens: state copy, or left empty."
-    )
+    kv_fill: Literal["deferred", "copy", "none"] = Field(
+        "deferred", description="How skipped layers' KV is filled for exited tokens: deferred (computed "
+        "exactly in a later step of the row, batched with its newer tokens), state copy (approximate), "
+        "or left empty.")
+    max_deferred: int = Field(16, ge=1, description="Deferred fill: pending tokens a row may hold before "
+                              "its next step must run every loaded layer.")
     device: str = Field("cpu", description="'cpu' or 'cuda'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."

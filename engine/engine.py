@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from engine import deferred
 from engine.config import EngineConfig, SamplingParams
 from engine.exits import ExitBank
 from engine.model import EEModel
@@ -78,7 +79,9 @@ class LLMEngine:
         # the split decision needs this device's layer costs; measured before any request owns a slot.
         # With one slot, or no exits, there is never a batch to split.
         splits = config.exit_policy == "rebatch" and self.exits is not None and config.max_batch_size > 1
-        self.planner = RebatchPlanner(measure_cost(self.model, config.max_batch_size)) if splits else None
+        self._defers = config.kv_fill == "deferred" and self.exits is not None
+        self.planner = (RebatchPlanner(measure_cost(self.model, config.max_batch_size), deferred=self._defers)
+                        if splits else None)
         self.stats = EngineStats()
         self.scheduler = Scheduler(config.max_batch_size, self.eos_ids, config.max_model_len, self._detokenize)
         self._ids = itertools.count()
@@ -131,11 +134,17 @@ class LLMEngine:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)
             positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev)
             last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        ctx = self.model.make_ctx(slots, positions)
         h = self.model.embed_tokens(ids)
+        level = None
+        if not is_prefill and self._defers:  # each row's pending tokens ride along as extra columns
+            positions, level = deferred.pending_columns(self.model, [s.slot for s in seqs],
+                                                        [s.num_tokens - 1 for s in seqs])
+            if positions.shape[1] > 1:
+                h = torch.cat([h, self.model.kv.top_hidden[slots[:, None], positions[:, 1:]]], 1)
+        ctx = self.model.make_ctx(slots, positions, level)
         cfg = self.config
-        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill == "copy",
-                          cfg.exit_policy, self.planner, cfg.batch_quorum)
+        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
+                          self.planner, cfg.batch_quorum, cfg.max_deferred)
         tokens = sample(stack.logits, seqs)
         records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth,
                               e.involuntary) for s, e in zip(seqs, stack.exits)]
@@ -154,8 +163,10 @@ class LLMEngine:
         if not 1 <= depth <= self.num_layers:
             raise CheckpointError(f"depth {depth} outside 1..{self.num_layers}")
         old = self.depth
-        self.model.set_depth(depth)
         running = [s for s in self.scheduler.running if s.num_cached > 0]
+        if depth > old and running and self._defers:  # new layers start from every token at the old top
+            deferred.flush(self.model, [s.slot for s in running], [s.num_cached for s in running])
+        self.model.set_depth(depth)
         if depth > old and running:
             slots = torch.tensor([s.slot for s in running], device=self.model.device)
             extend_stack(self.model, old, slots, [s.num_cached for s in running])

@@ -1,4 +1,8 @@
-"""Slot-based KV cache: one slot per running sequence, one tensor pair per loaded layer."""
+"""Slot-based KV cache: one slot per running sequence, one tensor pair per loaded layer.
+
+Each slot has one spare position past `max_len`: writes that must not land anywhere (columns of a
+deferred-fill batch that sit out a layer, padding) go there, and no read ever reaches it.
+"""
 from __future__ import annotations
 
 import torch
@@ -7,13 +11,18 @@ import torch
 class KVCache:
     def __init__(self, num_slots: int, max_len: int, kv_heads: int, head_dim: int, hidden: int, device, dtype):
         self.num_slots, self.max_len = num_slots, max_len
-        self.shape = (num_slots, kv_heads, max_len, head_dim)
+        self.scratch = max_len  # the spare position
+        self.shape = (num_slots, kv_heads, max_len + 1, head_dim)
         self.device, self.dtype = device, dtype
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         # hidden state each cached token left the layer stack with; lets deeper layers be loaded
         # later and filled for tokens already in flight
         self.top_hidden = torch.zeros(num_slots, max_len, hidden, device=device, dtype=dtype)
+        # decoder layers each cached token has been through: its KV exists in layers < level. Under
+        # the deferred fill an exited token stops short of the loaded depth until a later step needs
+        # its deeper KV; top_hidden then holds its state at that level
+        self.level = torch.zeros(num_slots, max_len, dtype=torch.long, device=device)
 
     @property
     def num_layers(self) -> int:
@@ -28,11 +37,16 @@ class KVCache:
 
     def nbytes(self) -> int:
         per = self.k[0].numel() * self.k[0].element_size() if self.k else 0
-        return 2 * per * len(self.k) + self.top_hidden.numel() * self.top_hidden.element_size()
+        return (2 * per * len(self.k) + self.top_hidden.numel() * self.top_hidden.element_size()
+                + self.level.numel() * self.level.element_size())
 
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              scattered: bool = False):
         # slots: [b]; positions: [b, T]; k, v: [b, kv_heads, T, head_dim]
-        if k.shape[2] == 1:
+        if scattered:  # any positions per row (deferred fill): one indexed write
+            self.k[layer][slots[:, None], :, positions] = k.transpose(1, 2)
+            self.v[layer][slots[:, None], :, positions] = v.transpose(1, 2)
+        elif k.shape[2] == 1:
             pos = positions[:, 0]
             self.k[layer][slots, :, pos] = k[:, :, 0]
             self.v[layer][slots, :, pos] = v[:, :, 0]

@@ -35,13 +35,28 @@ class BatchCtx:
     rope: dict  # layer type -> (cos, sin), each [b, T, head_dim]
     masks: dict  # layer type -> [b, 1, T, length] bool, True where a query may attend
     first_slot: int | None  # slots are first_slot.. in order: the cache is read as a view, not gathered
+    # deferred fill: layers each column has been through ([b, T], ascending along T; engine.deferred).
+    # A column takes part in layer i once its level is <= i. None: every column takes part everywhere
+    level: torch.Tensor | None = None
+    write_at: torch.Tensor | None = None  # [b, T] where K/V go (the cache's scratch for idle columns)
 
     def select(self, rows: torch.Tensor) -> "BatchCtx":
         rope = {t: (c[rows], s[rows]) for t, (c, s) in self.rope.items()}
         masks = {t: m[rows] for t, m in self.masks.items()}
         slots = self.slots[rows]  # rows whose slots still form a run keep reading the cache as a view
         return replace(self, slots=slots, positions=self.positions[rows], rope=rope, masks=masks,
-                       first_slot=run_start(slots))
+                       first_slot=run_start(slots), level=None if self.level is None else self.level[rows])
+
+    def at_layer(self, i: int, scratch: int) -> tuple["BatchCtx", torch.Tensor]:
+        """The columns layer i needs: a prefix of T, since levels ascend; and which of them take part."""
+        active = self.level <= i
+        t = int(active.sum(1).max())
+        active = active[:, :t]
+        rope = {k: (c[:, :t], s[:, :t]) for k, (c, s) in self.rope.items()}
+        masks = {k: m[:, :, :t] for k, m in self.masks.items()}
+        write_at = torch.where(active, self.positions[:, :t], scratch)
+        return replace(self, positions=self.positions[:, :t], rope=rope, masks=masks, level=self.level[:, :t],
+                       write_at=write_at), active
 
 
 def _rotate_half(x):
@@ -104,6 +119,7 @@ class EEModel(nn.Module):
         del self.layers[depth:]
         if self.kv is not None:
             self.kv.resize(depth)
+            self.kv.level.clamp_(max=depth)  # KV of dropped layers is gone; nothing pending there
 
     def allocate_cache(self, num_slots: int, max_len: int) -> KVCache:
         self.kv = KVCache(num_slots, max_len, self.kv_heads, self.head_dim, self.hidden_size, self.device, self.dtype)
@@ -122,7 +138,7 @@ class EEModel(nn.Module):
                 "per_layer": layers[0] if layers else 0}
 
     # ---- forward pieces ------------------------------------------------------------------
-    def make_ctx(self, slots: torch.Tensor, positions: torch.Tensor) -> BatchCtx:
+    def make_ctx(self, slots: torch.Tensor, positions: torch.Tensor, level: torch.Tensor | None = None) -> BatchCtx:
         dummy = torch.empty(0, device=self.device, dtype=self.dtype)
         length = int(positions.max()) + 1
         kpos = torch.arange(length, device=self.device)
@@ -133,7 +149,7 @@ class EEModel(nn.Module):
             masks[t] = kpos <= qpos
             if t == "sliding_attention":
                 masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
-        return BatchCtx(slots, positions, length, rope, masks, run_start(slots))
+        return BatchCtx(slots, positions, length, rope, masks, run_start(slots), level)
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
@@ -156,7 +172,10 @@ class EEModel(nn.Module):
         attn = self.layers[i].self_attn
         b, t, _ = x.shape
         q, k, v = self._qkv(i, x, ctx)
-        self.kv.write(i, ctx.slots, ctx.positions, k, v)
+        if ctx.write_at is not None:
+            self.kv.write(i, ctx.slots, ctx.write_at, k, v, scattered=True)
+        else:
+            self.kv.write(i, ctx.slots, ctx.positions, k, v)
         keys, values = self.kv.read(i, ctx.slots, ctx.length, ctx.first_slot)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.layer_types[i]],
                                              scale=attn.scaling, enable_gqa=True)

@@ -3,10 +3,13 @@
 When some rows of a decode batch become confident at an exit point, they can leave (the batch
 shrinks and the rest continue) or ride along to the last loaded layer (their token is already
 fixed; the compute spent on them is wasted but their deeper KV comes out exact). Leaving saves the
-leavers' share of every remaining layer, but costs a gather of the rows that stay plus a KV fill
-(state copy) for the leavers over the layers they skip. Whether that pays depends on the device:
-on a CPU or a GPU at small batch a decoder layer costs nearly the same for 8 rows as for 4
-(it is bound by reading the weights), so splits rarely pay; at large batch they do.
+leavers' share of every remaining layer, but costs a gather of the rows that stay plus the leavers'
+KV over the layers they skip: a state copy now, or under the deferred fill the same per-row work
+in a later step (engine.deferred), which moves that work rather than saving it. Whether a split
+pays depends on the device: on a CPU or a GPU at small batch a decoder layer costs nearly the same
+for 8 rows as for 4 (it is bound by reading the weights), so splits rarely pay; at large batch and
+with state copy they do. What saves time under the deferred fill is the whole batch leaving: the
+layers it skips are not run at all, and its tokens' deeper KV rides a later step's weight reads.
 
 The planner is plain Python over a measured cost model so it can be tested without a model.
 """
@@ -53,8 +56,8 @@ class SplitDecision:
 
 
 class RebatchPlanner:
-    def __init__(self, cost: LayerCost):
-        self.cost = cost
+    def __init__(self, cost: LayerCost, deferred: bool = False):
+        self.cost, self.deferred = cost, deferred
 
     def decide(self, rows: int, leaving: int, remaining_layers: int, context: int = 0,
                loses_view: bool = False) -> SplitDecision:
@@ -66,7 +69,8 @@ class RebatchPlanner:
         """
         c, r = self.cost, remaining_layers
         saved = r * (c.layer_s(rows) - c.layer_s(rows - leaving))
-        price = c.split_s + r * c.fill_s(leaving)
+        fill = c.layer_per_row_s * leaving if self.deferred else c.fill_s(leaving)
+        price = c.split_s + r * fill
         if loses_view:
             price += r * c.gather_per_token_s * (rows - leaving) * context
         return SplitDecision(saved, price)

@@ -8,9 +8,14 @@ layer's head. What happens to them next is the policy:
 - `greedy` (HELIOS): each row's token comes from its first confident layer, but the batch keeps
   its shape; done rows ride along, so their deeper KV is exact and nothing is saved on them.
 - `rebatch` (DREX): done rows leave when the planner predicts the smaller batch pays for the
-  regroup and the leavers' KV fill (state copy); otherwise they ride along. Nobody is forced out.
-Rows still present at the last loaded layer exit there: normally at full depth, a "greedy exit"
-when the stack is truncated and they never became confident.
+  regroup and the leavers' KV fill; otherwise they ride along. Nobody is forced out.
+Under every policy the batch stops as soon as no row needs a deeper layer. Rows still present at
+the last loaded layer exit there: normally at full depth, a "greedy exit" when the stack is
+truncated and they never became confident.
+
+Rows that leave early miss the KV of the layers they skip; `kv_fill` says how it is made up:
+`deferred` (exact, in a later step: engine.deferred), `copy` (state copy now: approximate) or
+`none` (left empty). A row that has `max_deferred` tokens pending rides to the last layer.
 
 Prefill: every prompt position must reach every loaded layer (later tokens attend to all of
 them), so rows are never dropped; the first generated token still comes from the first layer
@@ -23,11 +28,13 @@ from typing import Literal
 
 import torch
 
+from engine import deferred
 from engine.exits import ExitBank
 from engine.model import BatchCtx, EEModel, run_start
 from engine.rebatch import RebatchPlanner
 
 ExitPolicy = Literal["full", "batch", "greedy", "rebatch"]
+KVFill = Literal["deferred", "copy", "none"]
 
 
 @dataclass(slots=True)
@@ -71,10 +78,14 @@ class _Rows:
 
 @torch.inference_mode()
 def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: BatchCtx, last_idx: torch.Tensor,
-              is_prefill: bool, kv_fill: bool = True, policy: ExitPolicy = "rebatch",
-              planner: RebatchPlanner | None = None, quorum: float = 1.0) -> StackOutput:
-    # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T
+              is_prefill: bool, kv_fill: KVFill = "deferred", policy: ExitPolicy = "rebatch",
+              planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16) -> StackOutput:
+    # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T. Decode under
+    # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level
     b, depth = h.shape[0], model.depth
+    columns = ctx.level is not None and h.shape[1] > 1
+    # rows whose pending tokens reached the cap go to the last layer: bounds a row's columns
+    anchored = deferred.pending_counts(ctx) >= max_deferred if columns else None
     # each row's hidden state after its exit head; the vocabulary projection, memory-bound on the
     # LM head's weights, then runs once per step for all rows whatever layers they left at
     out = torch.empty(b, h.shape[-1], device=h.device, dtype=h.dtype)
@@ -86,8 +97,11 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
         l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0}
 
     for i in range(depth):
-        h = model.layer_forward(i, h, ctx)
-        result.row_layers += h.shape[0]
+        if columns:
+            result.row_layers += deferred.layer_step(model, i, h, ctx)
+        else:
+            h = model.layer_forward(i, h, ctx)
+            result.row_layers += h.shape[0]
         point = checks.get(i + 1)
         if point is None:
             continue
@@ -110,24 +124,26 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
         live &= ~leave
         if is_prefill:
             continue
-        n_live = int(live.sum())
-        if n_live and policy != "batch":
-            if policy == "greedy":
-                continue
-            loses_view = ctx.first_slot is not None and run_start(live.nonzero().squeeze(1)) is None
-            if planner is not None and not planner.decide(h.shape[0], h.shape[0] - n_live, depth - i - 1,
+        stay = live if anchored is None else live | anchored
+        n_stay = int(stay.sum())
+        if n_stay == h.shape[0]:
+            continue
+        if n_stay:  # some rows could leave while others go on: a regroup
+            if policy != "rebatch":
+                continue  # greedy and batch: done rows ride along
+            loses_view = ctx.first_slot is not None and run_start(stay.nonzero().squeeze(1)) is None
+            if planner is not None and not planner.decide(h.shape[0], h.shape[0] - n_stay, depth - i - 1,
                                                           ctx.length, loses_view).split:
                 result.splits_skipped += 1
                 continue
             result.splits += 1
-        done = (~live).nonzero().squeeze(1)  # every row with a token, riders included
-        model.kv.top_hidden[ctx.slots[done], ctx.positions[done, 0]] = h[done, 0]
-        if kv_fill:
-            model.fill_kv(i + 1, h[done], ctx.select(done))
-        if n_live == 0:
+        done = (~stay).nonzero().squeeze(1)  # every row with a token, riders included
+        _leave(model, kv_fill, i + 1, h[done], ctx.select(done))
+        if n_stay == 0:
             break
-        keep = live.nonzero().squeeze(1)
+        keep = stay.nonzero().squeeze(1)
         h, ctx, rows, last_idx, live = h[keep], ctx.select(keep), rows[keep], last_idx[keep], live[keep]
+        anchored = None if anchored is None else anchored[keep]
     else:
         _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec)
 
@@ -141,12 +157,24 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     return result
 
 
+def _leave(model: EEModel, kv_fill: KVFill, reached: int, h: torch.Tensor, ctx: BatchCtx) -> None:
+    """Rows leave the stack after layer `reached`: record where their tokens stand, fill their KV."""
+    if ctx.level is not None:
+        deferred.settle(model, h, ctx, reached)
+        return
+    model.kv.top_hidden[ctx.slots, ctx.positions[:, 0]] = h[:, 0]
+    model.kv.level[ctx.slots, ctx.positions[:, 0]] = model.depth  # nothing left to compute for it
+    if kv_fill == "copy":
+        model.fill_kv(reached, h, ctx)
+
+
 def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows) -> None:
     """Rows that reached the last loaded layer leave there: a greedy exit unless the stack is whole."""
     if is_prefill:
         model.kv.top_hidden[ctx.slots, : h.shape[1]] = h
+        model.kv.level[ctx.slots, : h.shape[1]] = model.depth
     else:
-        model.kv.top_hidden[ctx.slots, ctx.positions[:, 0]] = h[:, 0]
+        _leave(model, "none", model.depth, h, ctx)
     pending = live.nonzero().squeeze(1)
     if pending.numel() == 0:
         return
@@ -175,3 +203,4 @@ def extend_stack(model: EEModel, start: int, slots: torch.Tensor, lengths: list[
         h = model.layer_forward(i, h, ctx)
     for row, n in enumerate(lengths):
         model.kv.top_hidden[slots[row], :n] = h[row, :n]
+        model.kv.level[slots[row], :n] = model.depth

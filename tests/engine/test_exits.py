@@ -1,9 +1,11 @@
 """Per-token exits with trained heads: records, greedy exits, KV fill."""
 import math
 
+import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.deferred import flush
 from engine.thresholds import OFF
 from tests.conftest import PROMPTS
 
@@ -80,12 +82,55 @@ def _logits_after_forced_exit(ref, kv_fill: str, exit_layer: int):
 
 def test_kv_fill_brings_later_tokens_closer_to_full_depth(smollm2_calibrated):
     ref, _ = smollm2_calibrated
-    with_fill, ids = _logits_after_forced_exit(ref, "copy", 8)
+    deferred, ids = _logits_after_forced_exit(ref, "deferred", 8)
+    with_fill, ids_copy = _logits_after_forced_exit(ref, "copy", 8)
     without, ids_without = _logits_after_forced_exit(ref, "none", 8)
-    assert ids == ids_without
+    assert ids == ids_copy == ids_without
     with torch.no_grad():
-        full = torch.log_softmax(ref.hf(torch.tensor([ids])).logits[0, -1].float(), -1)
+        full_logits = ref.hf(torch.tensor([ids])).logits[0, -1].float()
+    full = torch.log_softmax(full_logits, -1)
 
     def kl(logits):
         return float(torch.sum(full.exp() * (full - torch.log_softmax(logits, -1))))
     assert kl(with_fill) < kl(without), (kl(with_fill), kl(without))
+    # the deferred fill computes the exited token's layers 9..30 in the next step: its KV is the
+    # full model's (what riding along would give), so the next token's logits are too
+    torch.testing.assert_close(deferred, full_logits, atol=2e-3, rtol=1e-4)
+    assert not torch.allclose(with_fill, full_logits, atol=2e-3, rtol=1e-4)
+    assert kl(deferred) < 1e-5 < kl(with_fill)
+
+
+def _cache_error_after_mixed_exits(ref, kv_fill: str) -> tuple[float, list[int]]:
+    """Decode with rows leaving at many depths, bring every token to full depth, and compare the
+    whole cache with a full-depth prefill of the same tokens: max |dK|, |dV| over layers and positions."""
+    mixed = {l: 0.6 for l in range(2, 30, 2)}
+    engine = _engine(ref, kv_fill=kv_fill, thresholds=mixed, max_batch_size=4, max_deferred=6)
+    for p in PROMPTS:
+        engine.add_request(p, SamplingParams(max_tokens=40, ignore_eos=True))
+    layers = []
+    for _ in range(14):
+        layers += [e.layer for e in engine.step().exits]
+    running = sorted(engine.scheduler.running, key=lambda s: s.slot)
+    flush(engine.model, [s.slot for s in running], [s.num_cached for s in running])
+    full = _engine(ref, exits=False, max_batch_size=4)
+    for s in running:  # admitted in slot order: the same slots as in `engine`
+        full.add_request(s.prompt_ids + s.output_ids[:-1], SamplingParams(max_tokens=1))
+    full.step()
+    err = 0.0
+    for layer in range(30):
+        for s in running:
+            n = s.num_cached
+            for ours, theirs in ((engine.model.kv.k, full.model.kv.k), (engine.model.kv.v, full.model.kv.v)):
+                err = max(err, float((ours[layer][s.slot, :, :n] - theirs[layer][s.slot, :, :n]).abs().max()))
+    return err, layers
+
+
+@pytest.mark.parametrize("kv_fill", ["deferred", "copy"])
+def test_deferred_fill_leaves_the_cache_the_full_model_would(smollm2_calibrated, kv_fill):
+    ref, _ = smollm2_calibrated
+    err, layers = _cache_error_after_mixed_exits(ref, kv_fill)
+    assert len(set(layers)) > 3 and min(layers) < 30, "rows should have left at several depths"
+    if kv_fill == "deferred":
+        assert err < 1e-3, err
+    else:  # state copy's keys for skipped layers are projections of the exit state: far off
+        assert err > 0.1, err
