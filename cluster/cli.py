@@ -27,11 +27,18 @@ def _generate(args) -> int:
 def _calibrate(args) -> int:
     from engine.calibrate import CalibrationConfig, calibrate
 
-    cfg = CalibrationConfig(model=args.model, head_type=args.head, num_prompts=args.prompts,
-                            max_new_tokens=args.new_tokens, steps=args.steps, target=args.target,
+    cfg = CalibrationConfig(model=args.model, head_type=args.head, num_prompts=args.prompts, domains=args.domains,
+                            rounds=args.rounds, max_new_tokens=args.new_tokens, steps=args.steps, target=args.target,
                             text_file=args.text, device=args.device)
     report = calibrate(cfg)
     print(json.dumps(report.summary, indent=2))
+    if args.ship:
+        from engine.engine import LLMEngine
+        from engine.exits import SHIPPED
+
+        engine = LLMEngine(model=args.model, max_batch_size=1, exit_policy="full")
+        engine.exits.save(SHIPPED / engine.name, compact=True)
+        print(f"shipped: {SHIPPED / engine.name}")
     return 0
 
 
@@ -119,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="train exit heads and agreement predictors, choose thresholds")
     c.add_argument("model")
     c.add_argument("--head", default="linear", choices=["linear", "mlp"])
-    c.add_argument("--prompts", type=int, default=64, help="HumanEval prompts (of 164) to generate training text from")
-    c.add_argument("--new-tokens", type=int, default=64)
-    c.add_argument("--steps", type=int, default=200, help="KL tuning steps for the heads")
-    c.add_argument("--target", type=float, default=0.95, help="agreement with the full model to keep")
-    c.add_argument("--text", default=None, help="a text file of prompts, one per line, instead of HumanEval")
+    c.add_argument("--prompts", type=int, default=64, help="prompts per domain to generate training text from")
+    c.add_argument("--domains", nargs="+", default=["code", "chat"], choices=["code", "chat"],
+                   help="calibration prompt sets: HumanEval 64..163, and the chat questions in engine/prompts")
+    c.add_argument("--rounds", type=int, default=2, choices=[1, 2], help="2 adds the on-policy round")
+    c.add_argument("--new-tokens", type=int, default=96)
+    c.add_argument("--steps", type=int, default=300, help="KL tuning steps for the heads")
+    c.add_argument("--target", type=float, default=0.95, help="agreement with the full model to keep, per domain")
+    c.add_argument("--text", default=None, help="a text file of prompts, one per line, instead of the domains")
+    c.add_argument("--ship", action="store_true", help="also write the compact heads into the package "
+                   "(engine/trained/MODEL), which serve whenever HELIOS_HOME has no calibration of its own")
     c.add_argument("--device", default="cpu")
     c.set_defaults(fn=_calibrate)
 

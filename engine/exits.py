@@ -4,17 +4,23 @@ An exit point at layer l has
   * a head: an adapter on the hidden state whose output goes through the model's own final norm
     and LM head, so it costs one vocabulary projection, paid only by rows that exit;
   * a predictor: a small MLP estimating P(head's top token == full model's top token) from the
-    hidden state; the per-row exit check is this number against the layer's threshold.
+    hidden state and how far it moved since the previous exit layer (the embeddings before the
+    first); the per-row exit check is this number against the layer's threshold.
 """
 from __future__ import annotations
 
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
+
+# compact exit banks trained by `helios calibrate --ship` for the models the package knows by name:
+# a first start serves with trained exits before any calibration of the user's own
+SHIPPED = Path(__file__).parent / "trained"
 
 
 def rms_norm(h: torch.Tensor) -> torch.Tensor:
@@ -52,14 +58,20 @@ HEAD_TYPES = {"linear": ResidualLinearHead, "mlp": MLPHead}
 
 
 class AgreementPredictor(nn.Module):
-    """rms(h) -> MLP -> logit of agreement with the full-depth token."""
+    """[rms(h), rms(h) - rms(h_prev)] -> MLP -> agreement with the full-depth token. A state that
+    still moves between exit layers has not settled on its token; the state alone over-fits the
+    prompts it was trained on."""
 
-    def __init__(self, hidden: int, width: int = 64):
+    def __init__(self, hidden: int, width: int = 32):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(hidden, width), nn.GELU(), nn.Linear(width, 1))
+        self.net = nn.Sequential(nn.Linear(2 * hidden, width), nn.GELU(), nn.Linear(width, 1))
 
-    def forward(self, h):  # [..., hidden] -> [...] probabilities
-        return torch.sigmoid(self.net(rms_norm(h)).squeeze(-1).float())
+    def logit(self, h, prev):  # [..., hidden] twice -> [...]
+        x = rms_norm(h)
+        return self.net(torch.cat([x, x - rms_norm(prev)], -1)).squeeze(-1)
+
+    def forward(self, h, prev):  # -> [...] probabilities
+        return torch.sigmoid(self.logit(h, prev).float())
 
 
 @dataclass(slots=True)
@@ -79,6 +91,17 @@ class ExitBank:
     @property
     def layers(self) -> list[int]:
         return list(self.points)
+
+    @property
+    def reference_layers(self) -> list[int]:
+        """Every exit layer calibration trained with, in use or not (a compact bank keeps only the
+        points in use, but their predictors read the state at the layer before them)."""
+        return sorted(set(self.meta.get("exit_layers", [])) | set(self.points))
+
+    def previous(self, layer: int) -> int:
+        """The reference layer before `layer` (0: the embeddings): the predictor reads how far the
+        state moved since then."""
+        return max((l for l in self.reference_layers if l < layer), default=0)
 
     @classmethod
     def new(cls, head_type: str, layers: list[int], hidden: int) -> "ExitBank":
@@ -101,16 +124,38 @@ class ExitBank:
             p.predictor.to(device, dtype).eval()
         return self
 
-    def save(self, directory: Path) -> None:
+    def save(self, directory: Path, compact: bool = False, min_share: float = 0.02) -> None:
+        """`compact` (what the package ships): half precision, and only the exit points in use that
+        calibration saw at least `min_share` of tokens leave through: a point few tokens use costs
+        a check every step and its share of the package for little depth."""
         directory.mkdir(parents=True, exist_ok=True)
+        shares, total = self.meta.get("exit_share_by_layer", {}), self.meta.get("eval_tokens") or 1
+        points = {l: p for l, p in self.points.items()
+                  if not compact or (p.threshold <= 1.0 and shares.get(str(l), shares.get(l, 0)) >= min_share * total)}
+        dtype = torch.float16 if compact else torch.float32
         tensors = {}
-        for l, p in self.points.items():
-            tensors.update({f"{l}.head.{k}": v.detach().float().contiguous() for k, v in p.head.state_dict().items()})
-            tensors.update({f"{l}.pred.{k}": v.detach().float().contiguous()
-                            for k, v in p.predictor.state_dict().items()})
+        for l, p in points.items():
+            for prefix, module in (("head", p.head), ("pred", p.predictor)):
+                tensors.update({f"{l}.{prefix}.{k}": v.detach().to(dtype).contiguous()
+                                for k, v in module.state_dict().items()})
         save_file(tensors, directory / "exits.safetensors")
-        meta = {**self.meta, "head_type": self.head_type, "thresholds": self.thresholds()}
+        meta = {**self.meta, "head_type": self.head_type, "thresholds": {l: p.threshold for l, p in points.items()}}
         (directory / "exits.json").write_text(json.dumps(meta, indent=2))
+
+    @classmethod
+    def find(cls, store, hidden: int) -> "ExitBank | None":
+        """The model's own calibration in its store, else the heads shipped for it with the package."""
+        try:
+            bank = cls.load(store.exits_dir, hidden)
+        except RuntimeError:  # written by an older calibration whose predictors had another shape
+            warnings.warn(f"exit heads in {store.exits_dir} are from an older calibration; "
+                          "run `helios calibrate` again. Serving the packaged heads meanwhile.")
+            bank = None
+        if bank is None and (SHIPPED / store.root.name).is_dir():
+            bank = cls.load(SHIPPED / store.root.name, hidden)
+            if bank is not None and bank.meta.get("num_layers") != store.num_layers:
+                return None  # trained on another version of the weights
+        return bank
 
     @classmethod
     def load(cls, directory: Path, hidden: int) -> "ExitBank | None":

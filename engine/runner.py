@@ -93,8 +93,12 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     result = StackOutput(out, [])
     rows = torch.arange(b, device=h.device)  # original index of each row still in the batch
     live = torch.ones(b, dtype=torch.bool, device=h.device)  # rows without a token yet
+    refs = set() if bank is None else set(bank.reference_layers)
     checks = {} if policy == "full" or bank is None else {
         l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0}
+    # each row's state at the previous exit layer (the embeddings before the first): the predictor
+    # reads how far it moved
+    prev = h[torch.arange(b, device=h.device), last_idx]
 
     for i in range(depth):
         if columns:
@@ -102,11 +106,13 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
         else:
             h = model.layer_forward(i, h, ctx)
             result.row_layers += h.shape[0]
-        point = checks.get(i + 1)
-        if point is None:
+        if i + 1 not in refs or i + 1 == depth:  # the last loaded layer is judged in _exit_at_depth
             continue
         last = h[torch.arange(h.shape[0], device=h.device), last_idx]
-        c = point.predictor(last)
+        point, before, prev = checks.get(i + 1), prev, last
+        if point is None:
+            continue
+        c = point.predictor(last, before)
         confident = c >= point.threshold
         leave = confident & live
         if policy == "batch":
@@ -143,9 +149,9 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             break
         keep = stay.nonzero().squeeze(1)
         h, ctx, rows, last_idx, live = h[keep], ctx.select(keep), rows[keep], last_idx[keep], live[keep]
-        anchored = None if anchored is None else anchored[keep]
+        prev, anchored = prev[keep], None if anchored is None else anchored[keep]
     else:
-        _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec)
+        _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec, prev)
 
     logits = model.logits(out)
     final_head = rec.conf.isnan()
@@ -168,7 +174,7 @@ def _leave(model: EEModel, kv_fill: KVFill, reached: int, h: torch.Tensor, ctx: 
         model.fill_kv(reached, h, ctx)
 
 
-def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows) -> None:
+def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows, prev) -> None:
     """Rows that reached the last loaded layer leave there: a greedy exit unless the stack is whole."""
     if is_prefill:
         model.kv.top_hidden[ctx.slots, : h.shape[1]] = h
@@ -185,7 +191,7 @@ def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, r
         out[rows[pending]] = last
     elif point is not None:
         out[rows[pending]] = point.head(last)
-        c = point.predictor(last).float().cpu()
+        c = point.predictor(last, prev[pending]).float().cpu()
         rec.conf[idx], rec.greedy[idx] = c, c < point.threshold
     else:  # truncated without a trained head: the model's own final head is the exit
         out[rows[pending]] = last

@@ -1,9 +1,10 @@
-"""Choosing per-layer exit thresholds, and the calibration report.
+"""Choosing exit thresholds, and the calibration report.
 
-Thresholds are picked layer by layer in exit order on one half of the held-out prompts: at each
-layer, among tokens that have not exited yet, the lowest threshold whose exiting tokens agree with
-the full model at least `target` of the time. The other half measures the result, so reported
-agreement is out of sample.
+One threshold serves every exit layer: a token leaves at the first layer whose predicted agreement
+reaches it. Per-layer thresholds searched greedily in exit order over-fit the tuning tokens and
+leave depth on the table; a single level on calibrated predictors does not. It is the lowest that
+keeps `target` agreement in *every* domain, so a domain the exits serve worse sets the bar. The
+held-out prompts are halved within each domain: one half chooses, the other measures.
 """
 from __future__ import annotations
 
@@ -16,20 +17,31 @@ import torch
 
 OFF = 1.1  # a threshold no probability reaches: the check is skipped at that layer
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95)
+LEVELS = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))  # 0.5 .. 0.995: candidate thresholds
 
 
-def choose_thresholds(conf: dict, agree: dict, layers: list[int], target: float, min_exits: int = 10) -> dict:
-    remaining = torch.ones_like(next(iter(agree.values())), dtype=torch.bool)
-    chosen = {}
-    for l in layers:
-        c, a = conf[l][remaining], agree[l][remaining].float()
-        order = c.argsort(descending=True)
-        precision = a[order].cumsum(0) / torch.arange(1, len(order) + 1)
-        ok = (precision >= target).nonzero().squeeze(1)
-        ok = ok[ok >= min_exits - 1]
-        chosen[l] = float(c[order][ok.max()]) if len(ok) else OFF
-        remaining &= ~(conf[l] >= chosen[l])
-    return chosen
+def halves(feats, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Held-out tokens split by prompt, alternating within each domain: (tune, measure)."""
+    groups, domains = feats.group[held], feats.domain[held]
+    tune = torch.zeros(len(held), dtype=torch.bool)
+    for d in domains.unique():
+        prompts = groups[domains == d].unique()
+        tune |= torch.isin(groups, prompts[::2])
+    return held[tune], held[~tune]
+
+
+def by_domain(domain: torch.Tensor) -> dict[int, torch.Tensor]:
+    return {int(d): (domain == d).nonzero().squeeze(1) for d in domain.unique()}
+
+
+def choose_threshold(conf: dict, agree: dict, domain: torch.Tensor, target: float, num_layers: int) -> float:
+    """The lowest level at which every domain's tokens agree with the full model >= `target`."""
+    parts = by_domain(domain)
+    for t in LEVELS:
+        if all(simulate({l: c[i] for l, c in conf.items()}, {l: a[i] for l, a in agree.items()},
+                        {l: t for l in conf}, num_layers)["agreement"] >= target for i in parts.values()):
+            return t
+    return OFF
 
 
 def simulate(conf: dict, agree: dict, thresholds: dict, num_layers: int) -> dict:
@@ -74,7 +86,7 @@ def check_cost(engine, bank, batch: int = 8, reps: int = 50) -> dict:
             fn()
         return (time.perf_counter() - t) / reps
     layer_s = clock(lambda: model.layer_forward(0, h, ctx))
-    check_s = clock(lambda: bool((point.predictor(h[:, 0]) >= 0.5).any()))
+    check_s = clock(lambda: bool((point.predictor(h[:, 0], h[:, 0]) >= 0.5).any()))
     head_s = clock(lambda: model.logits(h[:, 0]))
     return {"batch": batch, "layer_ms": layer_s * 1e3, "check_ms": check_s * 1e3,
             "check_in_layers": check_s / layer_s, "lm_head_ms_per_step": head_s * 1e3}
@@ -107,27 +119,28 @@ class CalibrationReport:
         return directory / "report.json"
 
 
-def build_report(engine, bank, layers, agree, maxprob, conf, held, cfg, losses) -> CalibrationReport:
-    num_layers = engine.num_layers
-    half = len(held) // 2
-    tune, evals = held[:half], held[half:]
+def build_report(engine, bank, agree, maxprob, conf, feats, held, domains, cfg, losses) -> CalibrationReport:
+    num_layers, layers = engine.num_layers, bank.layers
+    tune, evals = halves(feats, held)
 
     def part(d, idx):
         return {l: v[idx] for l, v in d.items()}
-    thresholds = choose_thresholds(part(conf, tune), part(agree, tune), layers, cfg.target)
+    level = choose_threshold(part(conf, tune), part(agree, tune), feats.domain[tune], cfg.target, num_layers)
+    thresholds = {l: level for l in layers}
     sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
     cost = check_cost(engine, bank)
     thresholds = place_exits(thresholds, sim, num_layers, cost["check_in_layers"])
-    sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
     bank.set_thresholds(thresholds)
-    baseline = simulate(part(maxprob, evals), part(agree, evals), {l: 0.9 for l in layers}, num_layers)
-
-    frontier = {"predictor": [], "max_softmax": []}
-    for target in (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.99):
-        for name, score in (("predictor", conf), ("max_softmax", maxprob)):
-            th = choose_thresholds(part(score, tune), part(agree, tune), layers, target)
-            s = simulate(part(score, evals), part(agree, evals), th, num_layers)
-            frontier[name].append({"target": target, "agreement": s["agreement"], "mean_depth": s["mean_depth"]})
+    sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
+    per_domain, frontier = {}, {}
+    for d, idx in by_domain(feats.domain[evals]).items():
+        tokens = evals[idx]
+        s = simulate(part(conf, tokens), part(agree, tokens), thresholds, num_layers)
+        per_domain[domains[d]] = {k: s[k] for k in ("agreement", "mean_depth", "tokens")}
+        frontier[domains[d]] = {name: [{"threshold": t, **{k: v for k, v in simulate(
+            part(score, tokens), part(agree, tokens), {l: t for l in layers}, num_layers).items()
+            if k in ("agreement", "mean_depth")}} for t in (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)]
+            for name, score in (("predictor", conf), ("max_softmax", maxprob))}
 
     per_layer = []
     for l in layers:
@@ -140,13 +153,13 @@ def build_report(engine, bank, layers, agree, maxprob, conf, held, cfg, losses) 
         per_layer.append(row)
     summary = {
         "model": engine.name, "head_type": cfg.head_type, "num_layers": num_layers, "exit_layers": layers,
-        "target": cfg.target, "thresholds": thresholds, "eval_tokens": len(evals),
+        "target": cfg.target, "threshold": level, "thresholds": thresholds, "eval_tokens": len(evals),
+        "on_policy": bool(feats.on_policy[evals].all()), "rounds": cfg.rounds, "domains": per_domain,
         "agreement": sim["agreement"], "mean_depth": sim["mean_depth"],
         "exit_share_by_layer": sim["exit_share_by_layer"],
         "depth_for_90pct_exits": depth_for_share(sim["exit_share_by_layer"], 0.9),
-        "baseline_max_softmax_0.9": {k: baseline[k] for k in ("agreement", "mean_depth")},
         "check_cost": cost, "final_kl": losses[-1] if losses else None,
-        "prompts": cfg.num_prompts, "new_tokens": cfg.max_new_tokens, "steps": cfg.steps,
+        "prompts_per_domain": cfg.num_prompts, "new_tokens": cfg.max_new_tokens, "steps": cfg.steps,
     }
     return CalibrationReport(summary, per_layer, frontier)
 
@@ -164,11 +177,14 @@ def plot_report(report: CalibrationReport, path: Path) -> None:
     shares = s["exit_share_by_layer"]
     ax[1].bar(list(shares), [v / s["eval_tokens"] for v in shares.values()])
     ax[1].set(xlabel="exit layer", ylabel="share of tokens",
-              title=f"exit depth @ target {s['target']}: agree {s['agreement']:.3f}, depth {s['mean_depth']:.2f}")
-    for name, pts in report.frontier.items():
-        ax[2].plot([p["mean_depth"] for p in pts], [p["agreement"] for p in pts], "o-", label=name)
-    ax[2].set(xlabel="mean exit depth (fraction of layers)", ylabel="agreement", title="quality vs depth")
-    ax[2].legend()
+              title=f"exit depth @ threshold {s['threshold']}: agree {s['agreement']:.3f}, depth {s['mean_depth']:.2f}")
+    for domain, rules in report.frontier.items():
+        for name, pts in rules.items():
+            ax[2].plot([p["mean_depth"] for p in pts], [p["agreement"] for p in pts], "o-" if name == "predictor"
+                       else "x--", label=f"{domain}: {name}")
+    ax[2].set(xlabel="mean exit depth (fraction of layers)", ylabel="agreement",
+              title="quality vs depth per domain (held-out prompts)")
+    ax[2].legend(fontsize=8)
     fig.suptitle(f"{s['model']} - {s['head_type']} heads")
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -49,7 +49,7 @@ def smollm2_calibrated(smollm2):
     """SmolLM2 with exit heads trained by the real calibration pipeline on a small budget."""
     from engine.calibrate import CalibrationConfig, calibrate
 
-    report = calibrate(CalibrationConfig(model="smollm2", num_prompts=12, max_new_tokens=24, steps=20,
+    report = calibrate(CalibrationConfig(model="smollm2", num_prompts=8, max_new_tokens=24, steps=20,
                                          predictor_steps=100, home=smollm2.home))
     return smollm2, report
 

@@ -2,25 +2,42 @@
 import pytest
 import torch
 
-from engine.thresholds import OFF, choose_thresholds, depth_for_share, place_exits, simulate
+from types import SimpleNamespace
+
+from engine.thresholds import OFF, choose_threshold, depth_for_share, halves, place_exits, simulate
 
 
-def test_choose_thresholds_keeps_exiting_tokens_above_target():
-    conf = {2: torch.tensor([0.9, 0.8, 0.7, 0.2]), 4: torch.tensor([0.1, 0.1, 0.95, 0.9])}
-    agree = {2: torch.tensor([True, True, False, False]), 4: torch.tensor([True, True, True, True])}
-    th = choose_thresholds(conf, agree, [2, 4], target=0.95, min_exits=1)
-    assert th[2] == pytest.approx(0.8)  # tokens 0 and 1 agree; adding token 2 would drop precision to 2/3
-    assert th[4] == pytest.approx(0.9)  # of tokens 2 and 3, both agree at layer 4
-    sim = simulate(conf, agree, th, num_layers=6)
-    assert sim["agreement"] == 1.0
-    assert sim["exit_share_by_layer"] == {2: 2, 4: 2}
-    assert sim["mean_depth"] == (2 + 2 + 4 + 4) / 4 / 6
+def test_one_threshold_holds_the_target_in_every_domain():
+    # tokens 0-3 code, 4-7 chat; at layer 2 the chat tokens are confident but often wrong
+    conf = {2: torch.tensor([0.9, 0.9, 0.9, 0.6, 0.85, 0.85, 0.96, 0.96]),
+            4: torch.tensor([0.99] * 8)}
+    agree = {2: torch.tensor([True, True, True, False, False, False, True, True]),
+             4: torch.tensor([True] * 8)}
+    domain = torch.tensor([0, 0, 0, 0, 1, 1, 1, 1])
+    code = torch.arange(4)
+    code_only = choose_threshold({l: c[code] for l, c in conf.items()}, {l: a[code] for l, a in agree.items()},
+                                 domain[code], 0.95, num_layers=6)
+    both = choose_threshold(conf, agree, domain, 0.95, num_layers=6)
+    assert code_only == pytest.approx(0.605)  # the lowest level that keeps token 3 from exiting wrong
+    assert both == pytest.approx(0.855)  # chat's wrong tokens at 0.85 raise the bar for everyone
+    sim = simulate(conf, agree, {l: both for l in conf}, num_layers=6)
+    assert sim["agreement"] == 1.0 and sim["exit_share_by_layer"] == {2: 5, 4: 3}
+    assert sim["mean_depth"] == (5 * 2 + 3 * 4) / 8 / 6
 
 
-def test_layer_with_too_few_confident_tokens_is_disabled():
-    conf = {2: torch.tensor([0.9, 0.8])}
+def test_no_level_reaching_the_target_switches_exits_off():
+    conf = {2: torch.tensor([0.999, 0.999])}
     agree = {2: torch.tensor([False, True])}
-    assert choose_thresholds(conf, agree, [2], target=0.95, min_exits=1) == {2: OFF}
+    assert choose_threshold(conf, agree, torch.tensor([0, 0]), 0.95, num_layers=4) == OFF
+
+
+def test_held_out_prompts_are_halved_within_each_domain():
+    group = torch.tensor([0, 0, 1, 1, 2, 3, 3, 4, 5])
+    domain = torch.tensor([0, 0, 0, 0, 0, 1, 1, 1, 1])
+    tune, measure = halves(SimpleNamespace(group=group, domain=domain), torch.arange(9))
+    assert set(group[tune].tolist()) == {0, 2, 3, 5} and set(group[measure].tolist()) == {1, 4}
+    for part in (tune, measure):
+        assert set(domain[part].tolist()) == {0, 1}
 
 
 def test_greedy_loading_depth_and_exit_placement():
