@@ -1,11 +1,13 @@
 """Per-token exits with trained heads: records, greedy exits, KV fill."""
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.deferred import flush
+from engine.exits import SHIPPED
 from engine.thresholds import OFF
 from tests.conftest import PROMPTS
 
@@ -21,10 +23,34 @@ def test_calibration_writes_heads_thresholds_and_report(smollm2_calibrated):
         assert (exits / name).is_file(), name
     s = report.summary
     assert s["exit_layers"] == list(range(2, 30, 2))
-    assert all(0.0 <= t <= OFF for t in s["thresholds"].values())
+    assert all(t in (s["threshold"], OFF) for t in s["thresholds"].values())  # one level, or switched off
     assert 0.0 < s["mean_depth"] <= 1.0 and 0.0 <= s["agreement"] <= 1.0
     assert sum(s["exit_share_by_layer"].values()) == s["eval_tokens"]
     assert s["check_cost"]["check_ms"] > 0
+    # judged per domain, on held-out prompts' text written with the exits on
+    assert s["rounds"] == 2 and s["on_policy"]
+    assert set(s["domains"]) == set(report.frontier) == {"code", "chat"}
+    assert sum(d["tokens"] for d in s["domains"].values()) == s["eval_tokens"]
+    for rules in report.frontier.values():
+        depth = [p["mean_depth"] for p in rules["predictor"]]
+        assert depth == sorted(depth)  # a higher threshold never exits earlier
+
+
+def test_a_store_without_calibration_serves_the_shipped_exits(smollm2, tmp_path):
+    store = tmp_path / "smollm2"
+    store.mkdir()
+    for f in (smollm2.home / "smollm2").iterdir():
+        if f.name != "exits":
+            (store / f.name).symlink_to(f)
+    engine = _engine(SimpleNamespace(home=tmp_path))
+    assert engine.exits is not None and engine.exits.meta["model"] == "smollm2"
+    assert engine.exits.meta["agreement"] >= 0.9 and set(engine.exits.meta["domains"]) == {"code", "chat"}
+    # only the points in use are shipped; their predictors still read the state at the layer before
+    assert engine.exits.reference_layers == engine.exits.meta["exit_layers"] != engine.exits.layers
+    results = engine.generate(PROMPTS, SamplingParams(max_tokens=24, ignore_eos=True))
+    assert any(e.layer < 30 for r in results for e in r.exits), "shipped heads should let tokens exit early"
+    shipped = sum(f.stat().st_size for f in (SHIPPED / "smollm2").iterdir())
+    assert shipped < 8 * 2**20, shipped
 
 
 def test_exit_records_one_per_token_and_greedy_flag_exact(smollm2_calibrated):
