@@ -2,7 +2,9 @@
 
 Each tick it reads every candidate's exit telemetry from Redis, feeds the serving candidate's
 breaches into the sliding counter, and when the counter trips asks the policy whether to load
-deeper layers or switch candidate, then does it. Routing answers come from the same state:
+deeper layers or switch candidate, then does it. From the shadow verifier's per-layer counts it
+moves each candidate's exit thresholds to hold the agreement floor (controller.thresholds) and
+pushes them to the replicas. Routing answers come from the same state:
 profiling rounds first, otherwise the selected candidate. Every decision goes to a Redis stream
 with its evidence; the routing state is mirrored to Redis and restored on restart.
 """
@@ -12,6 +14,7 @@ import asyncio
 import json
 import logging
 import time
+from dataclasses import asdict
 
 import ray
 import redis
@@ -19,6 +22,7 @@ from ray import serve
 
 from controller import policies as P
 from controller.config import ControllerConfig
+from controller.thresholds import ThresholdTuner
 from telemetry.metrics import ControllerMetrics
 from telemetry.reader import TelemetryReader
 from telemetry.schema import PREFIX, TelemetryConfig
@@ -42,6 +46,7 @@ class HeliosController:
         self.schedule = P.ProfilingSchedule(self.names, self.cfg.profile_every, self.cfg.profile_sample)
         self.breaches = P.BreachCounter(self.cfg.breach_window, self.cfg.breach_max)
         self.profiles: dict[str, P.CandidateProfile] = {}
+        self.tuners: dict[str, ThresholdTuner] = {}
         self.seen: dict[str, tuple[int, int]] = {}  # candidate -> (tokens, breaches) already counted
         saved = self.redis.hgetall(STATE)
         self.current: str = saved.get(b"current", b"").decode() or self.names[0]
@@ -67,7 +72,8 @@ class HeliosController:
                 "restored": self.restored, "breaches_in_window": self.breaches.count,
                 "breach_limit": [self.cfg.breach_max, self.cfg.breach_window],
                 "profiles": {n: {"depth": p.depth, "tokens_per_s": p.tokens_per_s, "agreement": p.agreement,
-                                 "greedy_rate": p.greedy_rate} for n, p in self.profiles.items()}}
+                                 "greedy_rate": p.greedy_rate} for n, p in self.profiles.items()},
+                "thresholds": {n: t.thresholds for n, t in self.tuners.items()}}
 
     def decisions(self, count: int = 50) -> list[dict]:
         return [json.loads(f[b"decision"]) for _, f in self.redis.xrevrange(DECISIONS, count=count)]
@@ -116,6 +122,19 @@ class HeliosController:
         self._log(P.Decision("set_depth", candidate, p.depth, "operator set the loaded depth"))
         return self.state()
 
+    async def set_thresholds(self, candidate: str, thresholds: dict[int, float]) -> dict:
+        """Serve `candidate` with these exit thresholds; live tuning goes on from them."""
+        self._check_candidate(candidate)
+        tuner = self.tuners[candidate]
+        unknown = set(map(int, thresholds)) - set(tuner.thresholds)
+        if unknown:
+            raise ValueError(f"{candidate} has no exit point at layers {sorted(unknown)}")
+        served = await self.handles[candidate].set_thresholds.remote({int(l): float(t) for l, t in thresholds.items()})
+        tuner.reset(served, self.reader.shadow_by_layer(candidate))
+        self._log(P.Decision("set_thresholds", candidate, self.profiles[candidate].depth,
+                             "operator set exit thresholds", {"thresholds": served}))
+        return self.state()
+
     async def start(self) -> None:
         """Initial profile, selection and greedy loading, then the telemetry loop (once, however often called)."""
         if self._started is None:
@@ -136,6 +155,8 @@ class HeliosController:
             for f in MEASURED:
                 setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
             self.seen[name] = self._totals(name)
+            self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats["thresholds"].items()})
+            self.tuners[name].reset(None, self.reader.shadow_by_layer(name))  # judge only what it serves from now
         if self.restored:
             self._log(P.Decision("restore", self.current, self.profiles[self.current].depth,
                                  "state restored from Redis after a restart",
@@ -181,6 +202,9 @@ class HeliosController:
             self.seen[name] = (tokens, breaches)
             if name == self.current and tokens > old_t:
                 self.breaches.observe(min(breaches - old_b, tokens - old_t), tokens - old_t)
+        if self.cfg.thresholds.enabled:
+            for name in self.names:
+                await self._tune(name)
         if self._reselect and all(p.tokens_per_s > 0 for p in self.profiles.values()):
             self._reselect = False
             best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
@@ -204,6 +228,15 @@ class HeliosController:
         self.breaches.reset()
         self._log(decision)
         return decision
+
+    async def _tune(self, name: str) -> None:
+        changes = self.tuners[name].observe(self.reader.shadow_by_layer(name))
+        if not changes:
+            return
+        served = await self.handles[name].set_thresholds.remote({c.layer: c.new for c in changes})
+        self._log(P.Decision("set_thresholds", name, self.profiles[name].depth, "; ".join(c.reason for c in changes),
+                             {"changes": [asdict(c) for c in changes], "floor": self.cfg.thresholds.floor,
+                              "thresholds": served}))
 
     # ---- helpers ---------------------------------------------------------------------------------
     def _totals(self, name: str) -> tuple[int, int]:

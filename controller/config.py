@@ -4,6 +4,7 @@ from __future__ import annotations
 from pydantic import BaseModel, Field
 
 from controller.policies import Objective
+from controller.thresholds import TunerConfig
 
 
 class ControllerConfig(BaseModel):
@@ -19,3 +20,4 @@ class ControllerConfig(BaseModel):
     tick_s: float = Field(1.0, gt=0, description="How often the controller reads telemetry.")
     min_shadow_checks: int = Field(20, ge=1, description="Shadow checks needed before live agreement "
                                                          "replaces the calibrated one.")
+    thresholds: TunerConfig = Field(default_factory=TunerConfig, description="Live per-layer threshold tuning.")

@@ -150,6 +150,12 @@ class Gateway:
         self._known(body.candidate, "candidate")
         return await self._controller_call("set_depth", body.candidate, body.depth, param="depth")
 
+    @app.post("/admin/thresholds")
+    async def admin_thresholds(self, body: op.ThresholdsBody, authorization: str | None = Header(None)) -> dict:
+        self._admin(authorization)
+        self._known(body.candidate, "candidate")
+        return await self._controller_call("set_thresholds", body.candidate, body.thresholds, param="thresholds")
+
     def _known(self, name: str, param: str) -> None:
         if name not in self.servers:
             raise APIError(404, f"{param} {name!r} does not exist; see /v1/models", param, "model_not_found")

@@ -30,8 +30,8 @@ class CandidateConfig(BaseModel):
     num_replicas: int = Field(1, ge=1)
     max_ongoing_requests: int = Field(64, ge=1)
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (a fraction lets candidates share one).")
-    shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early/greedy exits of greedy-decoded "
-                                                             "requests re-checked at full depth off the critical path.")
+    shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early and greedy exits re-checked at "
+                                                             "full depth off the critical path (greedy and sampled requests).")
 
 
 @dataclass(slots=True)
@@ -57,7 +57,7 @@ class ModelServer:
         cfg = CandidateConfig.model_validate(candidate)
         self.name = cfg.name
         self.verifier, self.shadow_rate = verifier, cfg.shadow_rate if verifier is not None else 0.0
-        self._history: dict[str, list[int]] = {}  # tokens so far of greedy-decoded requests (shadow samples)
+        self._history: dict[str, tuple[list[int], SamplingParams]] = {}  # tokens so far, for shadow samples
         # recent verifier calls stay referenced here: nothing awaits them, and a dropped response
         # object must not take its request with it
         self._in_flight_checks: collections.deque = collections.deque(maxlen=256)
@@ -87,8 +87,8 @@ class ModelServer:
         rid = self.engine.add_request(prompt, params, request.get("request_id"))  # raises RequestError
         self._queues[rid] = queue
         self._timing[rid] = [time.perf_counter(), 0.0]
-        if self.shadow_rate and params.temperature == 0.0:
-            self._history[rid] = list(prompt)
+        if self.shadow_rate:
+            self._history[rid] = (list(prompt), params)
         self._wake.set()
         sent = ""
         # a stop string can begin in text already produced; holding back its length minus one keeps
@@ -119,19 +119,37 @@ class ModelServer:
     # ---- operations ----------------------------------------------------------------------------
     async def load_layers(self, depth: int) -> int:
         """Change the resident depth between two steps; returns the new depth."""
+        def grow():
+            self.engine.load_layers(depth)
+            return self.engine.depth
+        return await self._between_steps(grow)
+
+    async def set_thresholds(self, thresholds: dict[int, float]) -> dict[int, float]:
+        """Move exit thresholds between two steps; returns the thresholds now served."""
+        def move():
+            if self.engine.exits is not None:
+                self.engine.exits.set_thresholds({int(l): t for l, t in thresholds.items()})
+            return self._thresholds()
+        return await self._between_steps(move)
+
+    async def _between_steps(self, fn):
+        """Run `fn` on the step thread between two steps; its result or error reaches the caller,
+        and the replica keeps serving either way."""
         self._start()
-        done: asyncio.Future = asyncio.get_running_loop().create_future()
         loop = asyncio.get_running_loop()
+        done: asyncio.Future = loop.create_future()
 
         def op():
             try:
-                self.engine.load_layers(depth)
-                loop.call_soon_threadsafe(done.set_result, self.engine.depth)
-            except Exception as e:  # reported to the caller; the replica keeps serving
+                loop.call_soon_threadsafe(done.set_result, fn())
+            except Exception as e:
                 loop.call_soon_threadsafe(done.set_exception, e)
         self._ops.append(op)
         self._wake.set()
         return await done
+
+    def _thresholds(self) -> dict[int, float]:
+        return self.engine.exits.thresholds() if self.engine.exits is not None else {}
 
     def stats(self) -> dict:
         mem = self.engine.memory_bytes()
@@ -140,7 +158,7 @@ class ModelServer:
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
                 "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
-                "calibration": exits.meta if exits else None}
+                "calibration": exits.meta if exits else None, "thresholds": self._thresholds()}
 
     def check_health(self) -> None:
         if self._loop_task is not None and self._loop_task.done() and self._loop_task.exception():
@@ -151,11 +169,13 @@ class ModelServer:
         samples = []
         tokens = {o.request_id: o.new_token_ids for o in out.outputs}
         for rec in out.exits:
-            history = self._history.get(rec.request_id)
+            history, params = self._history.get(rec.request_id, (None, None))
             if history is None:
                 continue
             if rec.layer < self.engine.num_layers and random.random() < self.shadow_rate:
-                samples.append((history[: rec.position], tokens[rec.request_id][0]))
+                # a greedy exit (unconfident at the last loaded layer) is no threshold's doing: layer 0
+                samples.append((history[: rec.position], tokens[rec.request_id][0], 0 if rec.greedy else rec.layer,
+                                params.temperature, params.top_p))
             history.extend(tokens[rec.request_id])
         if samples:  # fire and forget: the verifier writes its findings to telemetry itself
             self._in_flight_checks.append(self.verifier.verify.remote(self.name, samples))

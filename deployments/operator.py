@@ -8,7 +8,7 @@ from __future__ import annotations
 import hmac
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, field_validator
 
 PAGE = Path(__file__).parent / "static" / "dashboard.html"
 
@@ -20,6 +20,19 @@ class PinBody(BaseModel):
 class DepthBody(BaseModel):
     candidate: str
     depth: int = Field(ge=1)
+
+
+class ThresholdsBody(BaseModel):
+    candidate: str
+    thresholds: dict[int, float] = Field(description="Exit layer -> threshold; above 1 switches the layer off.")
+
+    @field_validator("thresholds")
+    @classmethod
+    def _in_range(cls, v: dict[int, float]) -> dict[int, float]:
+        bad = {l: t for l, t in v.items() if not 0.0 <= t <= 1.1}
+        if bad:
+            raise ValueError(f"thresholds must lie in 0..1.1 (above 1: off); got {bad}")
+        return v
 
 
 def check_admin(configured: str | None, authorization: str | None) -> tuple[int, str] | None:

@@ -38,6 +38,12 @@ class TelemetryReader:
         self._add(stats, self.redis.hgetall(schema.totals_key(candidate)))
         return stats
 
+    def shadow_by_layer(self, candidate: str) -> dict[int, tuple[int, int]]:
+        """Exit layer -> (checked, agreed): every shadow re-check since the candidate started."""
+        fields = {k.decode(): int(v) for k, v in self.redis.hgetall(schema.shadow_key(candidate)).items()}
+        layers = {int(k.split(":")[0]) for k in fields}
+        return {l: (fields.get(f"{l}:checked", 0), fields.get(f"{l}:agreed", 0)) for l in sorted(layers)}
+
     def recent_batches(self, count: int = 50) -> list[dict]:
         return [{"candidate": f[b"candidate"].decode(), **json.loads(f[b"summary"])}
                 for _, f in self.redis.xrevrange(schema.BATCHES, count=count)]

@@ -5,6 +5,9 @@ Per candidate c and time window w (w = floor(unix_time / window_s)):
     helios:c:{c}:w:{w}:counts    hash  tokens, greedy, breaches, involuntary, steps, dropped, busy_ms,
                                        shadow_checked, shadow_agreed (full-depth re-checks of exits)
     helios:c:{c}:totals          hash  the same counts since the candidate started
+    helios:c:{c}:shadow          hash  {layer}:checked, {layer}:agreed: shadow re-checks of confident exits
+                                       per exit layer (layer 0: greedy exits), since the candidate
+                                       started (live threshold tuning)
     helios:candidates            set   candidate names that ever wrote
     helios:batches               stream  one entry per flushed batch summary (capped, MAXLEN ~)
 Window keys expire after `retention_s`, so Redis holds a bounded history.
@@ -43,6 +46,10 @@ def counts_key(candidate: str, window: int) -> str:
 
 def totals_key(candidate: str) -> str:
     return f"{PREFIX}:c:{candidate}:totals"
+
+
+def shadow_key(candidate: str) -> str:
+    return f"{PREFIX}:c:{candidate}:shadow"
 
 
 @dataclass(slots=True)

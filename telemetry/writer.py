@@ -28,6 +28,7 @@ class TelemetryWriter:
         self._exits: dict[int, Counter] = defaultdict(Counter)  # window -> layer -> tokens
         self._counts: dict[int, Counter] = defaultdict(Counter)  # window -> field -> value
         self._batches: list[dict] = []
+        self._shadow: Counter = Counter()  # "{layer}:checked" / "{layer}:agreed" -> count
         self._dropped = 0
 
     def record(self, exits: list[ExitRecord], busy_s: float, now: float | None = None) -> None:
@@ -46,10 +47,14 @@ class TelemetryWriter:
                                   "depth": exits[0].loaded_depth})
         self._bound()
 
-    def record_shadow(self, checked: int, agreed: int, now: float | None = None) -> None:
-        """Full-depth re-checks done off the critical path; each disagreement is a breach."""
+    def record_shadow(self, by_layer: dict[int, tuple[int, int]], now: float | None = None) -> None:
+        """Full-depth re-checks done off the critical path, (checked, agreed) per exit layer; each
+        disagreement is a breach."""
         w = schema.window_of(now if now is not None else time.time(), self.config.window_s)
+        checked, agreed = sum(c for c, _ in by_layer.values()), sum(a for _, a in by_layer.values())
         self._counts[w].update({"shadow_checked": checked, "shadow_agreed": agreed, "breaches": checked - agreed})
+        for layer, (c, a) in by_layer.items():
+            self._shadow.update({f"{layer}:checked": c, f"{layer}:agreed": a})
 
     def flush(self) -> bool:
         """Send everything pending; False (and nothing lost) if Redis cannot be reached."""
@@ -71,6 +76,8 @@ class TelemetryWriter:
             totals["dropped"] += self._dropped
         for f, n in totals.items():
             pipe.hincrby(schema.totals_key(c), f, n)
+        for f, n in self._shadow.items():
+            pipe.hincrby(schema.shadow_key(c), f, n)
         for b in self._batches:
             pipe.xadd(schema.BATCHES, {"candidate": c, "summary": json.dumps(b)},
                       maxlen=self.config.stream_maxlen, approximate=True)
@@ -81,6 +88,7 @@ class TelemetryWriter:
         self._exits.clear()
         self._counts.clear()
         self._batches.clear()
+        self._shadow.clear()
         self._dropped = 0
         return True
 

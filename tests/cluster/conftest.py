@@ -46,10 +46,10 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
             # and no chat template, so chat must avoid it
             {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": base_home},
              "shadow_rate": 1.0},
-            {"name": "smollm2", "engine": {"model": "smollm2", "home": home}},
+            {"name": "smollm2", "engine": {"model": "smollm2", "home": home}, "shadow_rate": 1.0},
         ],
         "controller": {"quality_floor": 0.0, "breach_window": 30, "breach_max": 10, "profile_sample": 1,
-                       "tick_s": 0.5},
+                       "tick_s": 0.5, "thresholds": {"min_checks": 8}},
         "telemetry": {"redis_url": redis_url, "flush_every_s": 0.5},
     })
     c = start(cfg, embedded_redis=False)

@@ -72,9 +72,36 @@ def test_admin_api_refuses_without_the_key_and_names_bad_fields(cluster):
     assert status == 404 and reply["error"]["param"] == "candidate"
     status, reply = _request(f"{cluster.url}/admin/depth", {"candidate": "smollm2", "depth": 99}, ADMIN_KEY)
     assert status == 400 and reply["error"]["param"] == "depth"
+    for thresholds in ({"3": 0.5}, {"4": 2.0}):  # no exit point at layer 3; 2.0 is out of range
+        status, reply = _request(f"{cluster.url}/admin/thresholds", {"candidate": "smollm2", "thresholds": thresholds},
+                                 ADMIN_KEY)
+        assert status == 400 and "thresholds" in json.dumps(reply["error"]), reply
     status, reply = _request(f"{cluster.url}/admin/reprofile", {}, ADMIN_KEY)
     assert status == 200 and reply["profiling"]
     assert ray.get(cluster.controller.decisions.remote(1))[0]["action"] == "reprofile"
+
+
+def test_controller_tunes_exit_thresholds_from_live_agreement(cluster, client):
+    """Thresholds far too low for chat: sampled chat traffic makes tokens leave early and often
+    disagree; the shadow verifier's per-layer counts make the controller raise those layers."""
+    before = ray.get(cluster.controller.state.remote())["thresholds"]["smollm2"]
+    low = {str(l): 0.2 for l in range(2, 30, 2)}
+    status, reply = _request(f"{cluster.url}/admin/thresholds", {"candidate": "smollm2", "thresholds": low}, ADMIN_KEY)
+    assert status == 200 and {str(l): t for l, t in reply["thresholds"]["smollm2"].items()} == low
+    try:
+        raised, deadline = None, time.time() + 300  # a wait, not a timing
+        while raised is None and time.time() < deadline:
+            client.chat.completions.create(model="smollm2", max_tokens=24, temperature=0.8, seed=1,
+                                           messages=[{"role": "user", "content": "Tell me about the moon."}])
+            tuned = [d for d in ray.get(cluster.controller.decisions.remote(20)) if d["action"] == "set_thresholds"
+                     and d["candidate"] == "smollm2" and "changes" in d["evidence"]]
+            raised = next((c for d in tuned for c in d["evidence"]["changes"] if c["new"] > c["old"]), None)
+        assert raised is not None, "no layer was raised"
+        assert raised["agreement"] < 0.95 and raised["checks"] >= 8 and raised["old"] == 0.2
+        served = ray.get(cluster.controller.state.remote())["thresholds"]["smollm2"]
+        assert served[raised["layer"]] >= raised["new"]  # pushed to the replica and held by the controller
+    finally:
+        _request(f"{cluster.url}/admin/thresholds", {"candidate": "smollm2", "thresholds": before}, ADMIN_KEY)
 
 
 def _browser():

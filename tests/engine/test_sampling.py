@@ -55,3 +55,16 @@ def test_text_grows_by_whole_characters_and_ends_as_the_decoded_output(smollm2):
     assert all("\ufffd" not in t for t in texts)
     assert all(later.startswith(earlier) for earlier, later in zip(texts, texts[1:]))
     assert texts[-1] == tok.decode(ids)
+
+
+def test_in_support_is_the_top_token_when_greedy_and_the_nucleus_when_sampled():
+    import torch
+
+    from engine.sampling import in_support
+
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    assert in_support(logits, 0, 0.0, 1.0) and not in_support(logits, 1, 0.0, 1.0)
+    assert [in_support(logits, t, 1.0, 0.75) for t in range(4)] == [True, True, False, False]
+    assert [in_support(logits, t, 1.0, 0.9) for t in range(4)] == [True, True, True, False]
+    # a higher temperature flattens the distribution: the same mass takes in more tokens
+    assert in_support(logits, 2, 3.0, 0.75)

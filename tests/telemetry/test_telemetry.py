@@ -36,6 +36,18 @@ def test_histogram_and_counters_round_trip(cfg):
     assert len(reader.recent_batches()) == 3
 
 
+def test_shadow_checks_are_kept_per_exit_layer(cfg):
+    writer, reader = TelemetryWriter("cand", cfg), TelemetryReader(cfg)
+    writer.record_shadow({8: (3, 2), 0: (2, 0)}, now=1000.0)  # layer 0: greedy exits
+    writer.record_shadow({8: (1, 1), 12: (4, 4)}, now=1011.0)
+    assert writer.flush()
+    assert reader.shadow_by_layer("cand") == {0: (2, 0), 8: (4, 3), 12: (4, 4)}
+    t = reader.totals("cand")
+    assert (t.shadow_checked, t.shadow_agreed, t.breaches) == (10, 7, 3)  # each disagreement is a breach
+    assert reader.window("cand", windows=1, now=1011.0).live_agreement == 1.0
+    assert reader.shadow_by_layer("other") == {}
+
+
 def test_one_transaction_per_flush_whatever_the_token_count(cfg):
     client = redis.Redis.from_url(cfg.redis_url)
     writer = TelemetryWriter("cand", cfg)
