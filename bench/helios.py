@@ -1,13 +1,14 @@
 """The HELIOS benchmark: every serving mode on real workloads, in one run.
 
-    helios bench [--model smollm2] [--prompts 24] [--new-tokens 48] [--batch 8] [--device cpu]
+    helios bench [--model smollm2] [--prompts 24] [--new-tokens 48] [--batch 1 8] [--device cpu]
     helios bench --short          # seconds-scale smoke run (CI)
 
 Systems: transformers `generate` (the peer), our engine at full depth, the `batch` exit rule,
-DREX `rebatch`, HELIOS (two candidates: greedy-loaded and full depth, with profiling, selection,
-breach counting and load-deeper-or-switch), and HELIOS with `rebatch`. Workloads: HumanEval,
-chat prompts, and a drift from code to chat. Agreement and ROUGE-L are against the engine's own
-full-depth greedy output on the same workload.
+DREX `rebatch` (deferred KV fill, and with state copy), HELIOS (two candidates: greedy-loaded and
+full depth, with profiling, selection, breach counting and load-deeper-or-switch), and HELIOS with
+`rebatch`. Workloads: HumanEval, chat prompts, and a drift from code to chat, each prompt one that
+calibration never saw. Each runs at every `--batch` concurrency. Agreement and ROUGE-L are against
+the engine's own full-depth greedy output on the same workload.
 """
 from __future__ import annotations
 
@@ -26,7 +27,8 @@ from bench.serving import Helios, Single, serve
 from bench.workloads import workload
 from engine import EngineConfig, LLMEngine
 
-SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", "HELIOS", "HELIOS + rebatch"]
+COPY = "rebatch, state copy"
+SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", COPY, "HELIOS", "HELIOS + rebatch"]
 LLAMA_CPP = "llama.cpp"  # an optional extra: in the default systems only where llama-cpp-python is installed
 
 
@@ -42,6 +44,8 @@ def _router(system: str, base: EngineConfig, args):
         return Single(LLMEngine(base.model_copy(update={"exit_policy": "full", "exits": False})))
     if system in ("batch", "rebatch"):
         return Single(LLMEngine(base.model_copy(update={"exit_policy": system})))
+    if system == COPY:
+        return Single(LLMEngine(base.model_copy(update={"exit_policy": "rebatch", "kv_fill": "copy"})))
     policy = "rebatch" if "rebatch" in system else "greedy"
     engines = {f"{args.model}@greedy": LLMEngine(base.model_copy(update={"exit_policy": policy})),
                f"{args.model}@full": LLMEngine(base.model_copy(update={"exit_policy": policy}))}
@@ -73,24 +77,26 @@ def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
         from bench.engine import run_peer
 
         with EnergyMeter(args.device) as energy:
-            row = run_peer(hf[0], hf[1], [r.prompt for r in requests], args.new_tokens, args.batch, args.device)
+            row = run_peer(hf[0], hf[1], [r.prompt for r in requests], args.new_tokens, base.max_batch_size,
+                           args.device)
         return {"tok_s": row["tok_s"], "tokens": row["_tokens"], "ttft": [], "tpot": [], "exits": [],
                 "decisions": [], "kinds": [], "mem": row["mem_MiB"] * 2**20, "engines": [], "energy": energy.joules}
     if system.startswith("HELIOS") or singles is None:
         router = _router(system, base, args)
     else:
-        if system not in singles:
-            singles[system] = _router(system, base, args)
-        router = singles[system]
+        key = (system, base.max_batch_size)
+        if key not in singles:
+            singles[key] = _router(system, base, args)
+        router = singles[key]
     with EnergyMeter(args.device) as energy:
-        run = serve(router, requests, args.batch, args.new_tokens, desc=system)
+        run = serve(router, requests, base.max_batch_size, args.new_tokens, desc=f"{system} @{base.max_batch_size}")
     engines = list(router.engines.values())
     return {"tok_s": len(run.exits) / run.wall_s, "tokens": run.tokens, "ttft": run.ttft_s, "tpot": run.tpot_s,
             "exits": run.exits, "decisions": run.decisions, "kinds": run.kinds, "energy": energy.joules,
             "mem": sum(e.memory_bytes()["total"] for e in engines), "engines": engines}
 
 
-def summarise(system, wl, r, ref_tokens, budget, verify) -> dict:
+def summarise(system, wl, batch, r, ref_tokens, budget, verify) -> dict:
     n = max(len(r["exits"]), sum(len(t) for t in r["tokens"]))
     agree, _ = agreement(r["tokens"], ref_tokens)
     engines = r["engines"]
@@ -100,7 +106,8 @@ def summarise(system, wl, r, ref_tokens, budget, verify) -> dict:
         name = last[-1]["candidate"] if last else None
         serving = next((e for e in engines if name and e.name == name), engines[0])
     return {
-        "system": system, "workload": wl, "tok_s": r["tok_s"],
+        "system": system, "workload": wl, "batch": batch,
+        "kv_fill": serving.config.kv_fill if serving and serving.exits is not None else "-", "tok_s": r["tok_s"],
         "ttft_p50_ms": 1e3 * _pct(r["ttft"], 0.5), "tpot_p50_ms": 1e3 * _pct(r["tpot"], 0.5),
         "tpot_p99_ms": 1e3 * _pct(r["tpot"], 0.99),
         "mean_exit_layer": statistics.fmean(e.layer for e in r["exits"]) if r["exits"] else float("nan"),
@@ -122,7 +129,7 @@ def main(argv=None) -> Path:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--prompts", type=int, default=24, help="requests per workload")
     ap.add_argument("--new-tokens", type=int, default=48)
-    ap.add_argument("--batch", type=int, default=8, help="concurrent requests")
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8], help="concurrent requests (each is a run)")
     ap.add_argument("--workloads", nargs="+", default=["humaneval", "chat", "drift"])
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS + [LLAMA_CPP],
                     default=SYSTEMS + ([LLAMA_CPP] if llamacpp.available() else []))
@@ -139,10 +146,10 @@ def main(argv=None) -> Path:
     args = ap.parse_args(argv)
     args.command = "helios bench " + " ".join(shlex.quote(a) for a in argv)
     if args.short:
-        args.prompts, args.new_tokens, args.batch = 3, 8, 2
+        args.prompts, args.new_tokens, args.batch = 3, 8, [2]
         args.window, args.max_breaches, args.profile_tokens = 8, 2, 4
 
-    base = EngineConfig(model=args.model, device=args.device, max_batch_size=args.batch, home=args.home)
+    base = EngineConfig(model=args.model, device=args.device, home=args.home)
     probe = LLMEngine(base.model_copy(update={"max_batch_size": 1, "exit_policy": "full"}))
     if probe.exits is None:
         raise SystemExit(f"no calibrated exit heads for {args.model}: run `helios calibrate {args.model}` first")
@@ -158,16 +165,18 @@ def main(argv=None) -> Path:
     singles = {}  # engines of single-candidate systems are reused across workloads; HELIOS starts fresh
     for wl in tqdm(args.workloads, desc="workloads"):
         requests = workload(wl, args.prompts, tokenizer)
-        results = {s: run_system(s, base, requests, args, hf, singles) for s in systems}
-        ref = results["engine full depth"]
-        budget = full_weights["base"] + full_weights["layers"] + ref["engines"][0].memory_bytes()["kv_cache"]
         prompts = [r.prompt for r in requests]
         verify = lambda tokens: token_agreement(hf[0], hf[1], prompts, tokens)  # noqa: E731
-        for s in tqdm(args.systems, desc="verifying", leave=False):
-            rows.append(summarise(s, wl, results[s], ref["tokens"], budget, verify))
-        traces[wl] = {s: {"layers": [e.layer for e in r["exits"]], "greedy": [e.greedy for e in r["exits"]],
-                          "kinds": r["kinds"], "decisions": r["decisions"]}
-                      for s, r in results.items() if r["exits"]}
+        for batch in args.batch:
+            at = base.model_copy(update={"max_batch_size": batch})
+            results = {s: run_system(s, at, requests, args, hf, singles) for s in systems}
+            ref = results["engine full depth"]
+            budget = full_weights["base"] + full_weights["layers"] + ref["engines"][0].memory_bytes()["kv_cache"]
+            for s in tqdm(args.systems, desc="verifying", leave=False):
+                rows.append(summarise(s, wl, batch, results[s], ref["tokens"], budget, verify))
+            traces[wl] = {s: {"layers": [e.layer for e in r["exits"]], "greedy": [e.greedy for e in r["exits"]],
+                              "kinds": r["kinds"], "decisions": r["decisions"]}
+                          for s, r in results.items() if r["exits"]}  # the largest batch's, the last run
     name = args.name or f"helios-{args.model}-{'gpu' if args.device.startswith('cuda') else 'cpu'}"
     return write_results(args, rows, traces, name)
 
@@ -176,10 +185,10 @@ def ratio_table(rows: list[dict]) -> list[str]:
     """Each system's tokens/s over the baselines the targets are stated against, per workload."""
     bases = [b for b in ("engine full depth", "batch", "transformers generate", LLAMA_CPP)
              if any(r["system"] == b for r in rows)]
-    speed = {(r["system"], r["workload"]): r["tok_s"] for r in rows}
-    return md_table(["system", "workload"] + [f"x {b}" for b in bases],
-                    [[r["system"], r["workload"]] + [r["tok_s"] / speed[(b, r["workload"])] for b in bases]
-                     for r in rows])
+    speed = {(r["system"], r["workload"], r["batch"]): r["tok_s"] for r in rows}
+    return md_table(["system", "workload", "batch"] + [f"x {b}" for b in bases],
+                    [[r["system"], r["workload"], r["batch"]]
+                     + [r["tok_s"] / speed[(b, r["workload"], r["batch"])] for b in bases] for r in rows])
 
 
 def write_results(args, rows, traces, name) -> Path:
@@ -192,7 +201,7 @@ def write_results(args, rows, traces, name) -> Path:
              f"Command: `{args.command}`  ",
              f"Machine: {machine(args.device)}  ",
              f"Workload: {args.prompts} requests per workload, {args.new_tokens} new tokens each (ignore_eos), "
-             f"{args.batch} concurrent clients, greedy decoding. `agreement` (position-wise) and ROUGE-L are "
+             f"{' and '.join(map(str, args.batch))} concurrent clients (`batch`), greedy decoding. `agreement` (position-wise) and ROUGE-L are "
              "against the engine's full-depth output; `token_agreement` is the share of generated tokens "
              "that the full-depth model also picks given the same prefix. `batch_in_budget`: sequences that fit beside the "
              "weights in the memory the full-depth engine uses for its weights plus its KV cache."

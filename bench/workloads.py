@@ -4,8 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from bench.common import humaneval_prompts
+from engine.prompts import render_chat
 
-# Everyday assistant questions; rendered through the model's chat template when it has one.
+# Everyday assistant questions, none of them in calibration's set (engine/prompts/chat.txt); rendered
+# through the model's chat template when it has one.
 CHAT_QUESTIONS = [
     "What is the capital of France?",
     "Give me three tips for sleeping better.",
@@ -33,11 +35,7 @@ class Request:
 
 
 def chat_prompts(n: int, tokenizer) -> list[str]:
-    questions = [CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)] for i in range(n)]
-    if not getattr(tokenizer, "chat_template", None):
-        return [f"Question: {q}\nAnswer:" for q in questions]
-    return [tokenizer.apply_chat_template([{"role": "user", "content": q}], tokenize=False,
-                                          add_generation_prompt=True) for q in questions]
+    return [render_chat(tokenizer, CHAT_QUESTIONS[i % len(CHAT_QUESTIONS)]) for i in range(n)]
 
 
 def workload(name: str, n: int, tokenizer) -> list[Request]:
