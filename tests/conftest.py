@@ -54,6 +54,17 @@ def smollm2_calibrated(smollm2):
     return smollm2, report
 
 
+def shipped_only(home: Path, into: Path) -> Path:
+    """A HELIOS_HOME with the converted SmolLM2 linked in but no calibration of its own: engines
+    there serve the exit heads shipped with the package."""
+    store = into / "smollm2"
+    store.mkdir(parents=True, exist_ok=True)
+    for f in (home / "smollm2").iterdir():
+        if f.name != "exits":
+            (store / f.name).symlink_to(f)
+    return into
+
+
 def hf_greedy(ref: Reference, prompt: str, max_new_tokens: int) -> list[int]:
     ids = ref.tokenizer(prompt, return_tensors="pt")
     with torch.no_grad():

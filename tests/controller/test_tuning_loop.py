@@ -8,6 +8,7 @@ from controller.thresholds import ThresholdTuner, TunerConfig
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.prompts import chat_questions, humaneval, render_chat
 from engine.sampling import in_support
+from tests.conftest import shipped_only
 
 pytestmark = pytest.mark.slow
 FLOOR, BATCH, TOKENS = 0.9, 8, 24
@@ -28,12 +29,12 @@ def _serve_and_judge(engine, judge, prompts):
     return [(layer, in_support(row, token, 0.0, 1.0)) for row, (_, token, layer) in zip(logits, samples)]
 
 
-def test_a_shift_to_chat_trips_the_tuner_and_agreement_recovers(smollm2_calibrated):
-    ref, _ = smollm2_calibrated
-    # thresholds much lower than calibration's: what code tolerates, chat will not
-    engine = LLMEngine(EngineConfig(model="smollm2", home=ref.home, max_batch_size=BATCH,
-                                    thresholds={l: 0.4 for l in range(2, 30, 2)}))
-    judge = LLMEngine(EngineConfig(model="smollm2", home=ref.home, exits=False, max_batch_size=BATCH))
+def test_a_shift_to_chat_trips_the_tuner_and_agreement_recovers(smollm2, tmp_path):
+    home = shipped_only(smollm2.home, tmp_path)  # the heads the package ships, not a test-sized calibration
+    engine = LLMEngine(EngineConfig(model="smollm2", home=home, max_batch_size=BATCH))
+    # thresholds well under calibration's: what code tolerates, chat will not
+    engine.exits.set_thresholds({l: 0.6 for l in engine.exits.layers})
+    judge = LLMEngine(EngineConfig(model="smollm2", home=home, exits=False, max_batch_size=BATCH))
     tuner = ThresholdTuner(TunerConfig(floor=FLOOR, step=0.1, min_checks=16), engine.exits.thresholds())
     totals = defaultdict(lambda: [0, 0])
     timeline, raised_in_chat = [], 0

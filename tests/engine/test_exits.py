@@ -9,7 +9,7 @@ from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.deferred import flush
 from engine.exits import SHIPPED
 from engine.thresholds import OFF
-from tests.conftest import PROMPTS
+from tests.conftest import PROMPTS, shipped_only
 
 
 def _engine(ref, **kw):
@@ -37,12 +37,7 @@ def test_calibration_writes_heads_thresholds_and_report(smollm2_calibrated):
 
 
 def test_a_store_without_calibration_serves_the_shipped_exits(smollm2, tmp_path):
-    store = tmp_path / "smollm2"
-    store.mkdir()
-    for f in (smollm2.home / "smollm2").iterdir():
-        if f.name != "exits":
-            (store / f.name).symlink_to(f)
-    engine = _engine(SimpleNamespace(home=tmp_path))
+    engine = _engine(SimpleNamespace(home=shipped_only(smollm2.home, tmp_path)))
     assert engine.exits is not None and engine.exits.meta["model"] == "smollm2"
     assert engine.exits.meta["agreement"] >= 0.9 and set(engine.exits.meta["domains"]) == {"code", "chat"}
     # only the points in use are shipped; their predictors still read the state at the layer before
