@@ -86,6 +86,7 @@ def test_controller_tunes_exit_thresholds_from_live_agreement(cluster, client):
     disagree; the shadow verifier's per-layer counts make the controller raise those layers."""
     before = ray.get(cluster.controller.state.remote())["thresholds"]["smollm2"]
     low = {str(l): 0.2 for l in range(2, 30, 2)}
+    since = time.time()  # earlier tests' traffic may have tuned these layers already
     status, reply = _request(f"{cluster.url}/admin/thresholds", {"candidate": "smollm2", "thresholds": low}, ADMIN_KEY)
     assert status == 200 and {str(l): t for l, t in reply["thresholds"]["smollm2"].items()} == low
     try:
@@ -93,8 +94,9 @@ def test_controller_tunes_exit_thresholds_from_live_agreement(cluster, client):
         while raised is None and time.time() < deadline:
             client.chat.completions.create(model="smollm2", max_tokens=24, temperature=0.8, seed=1,
                                            messages=[{"role": "user", "content": "Tell me about the moon."}])
-            tuned = [d for d in ray.get(cluster.controller.decisions.remote(20)) if d["action"] == "set_thresholds"
-                     and d["candidate"] == "smollm2" and "changes" in d["evidence"]]
+            tuned = [d for d in reversed(ray.get(cluster.controller.decisions.remote(50)))  # oldest first
+                     if d["action"] == "set_thresholds" and d["candidate"] == "smollm2"
+                     and "changes" in d["evidence"] and d["t"] >= since]
             raised = next((c for d in tuned for c in d["evidence"]["changes"] if c["new"] > c["old"]), None)
         assert raised is not None, "no layer was raised"
         assert raised["agreement"] < 0.95 and raised["checks"] >= 8 and raised["old"] == 0.2
