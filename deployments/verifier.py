@@ -2,11 +2,10 @@
 
 Model servers send samples of (prefix token ids, emitted token, exit layer or 0 for a greedy
 exit, temperature, top_p) without waiting for an answer; the verifier runs each prefix through
-the full model and judges
-the emitted token: for greedy decoding, is it the full model's top token; for sampled requests,
-is it inside the full model's nucleus at the request's temperature (top_p, capped at
-`SAMPLED_NUCLEUS`, since a nucleus of the whole vocabulary would accept anything). It writes
-checked/agreed counts per exit layer (disagreements count as breaches) to the candidate's
+the full model and judges the emitted token: for greedy decoding, is it the full model's top
+token; for sampled requests, is it inside the full model's nucleus at the request's temperature
+(top_p, capped at `SAMPLED_NUCLEUS`, since a nucleus of the whole vocabulary would accept
+anything). It writes checked/agreed counts per exit layer (disagreements count as breaches) to the candidate's
 telemetry: operators see live agreement, the controller tunes each layer's threshold with it.
 """
 from __future__ import annotations
