@@ -22,13 +22,18 @@ def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
             verifiers[c.engine.model] = Verifier.options(name=f"verifier-{i}").bind(
                 c.engine.model_dump(mode="json"), telemetry)
     servers = {
-        c.name: ModelServer.options(name=deployment_name(c.name), num_replicas=c.num_replicas,
-                                    max_ongoing_requests=c.max_ongoing_requests,
-                                    ray_actor_options={"num_cpus": 0, "num_gpus": c.num_gpus}).bind(
+        c.name: ModelServer.options(name=deployment_name(c.name), max_ongoing_requests=c.ongoing_limit,
+                                    max_queued_requests=c.max_queued_requests,
+                                    ray_actor_options={"num_cpus": 0, "num_gpus": c.num_gpus},
+                                    **({"autoscaling_config": c.autoscaling_config} if c.autoscaling_config
+                                       else {"num_replicas": c.num_replicas})).bind(
             c.model_dump(mode="json"), telemetry, verifiers.get(c.engine.model) if c.shadow_rate > 0 else None)
         for c in cfg.candidates
     }
     # the gateway starts the controller when none runs: under KubeRay nothing else would
     controller = {"config": cfg.controller.model_dump(mode="json"), "telemetry": telemetry,
                   "deployments": {c.name: deployment_name(c.name) for c in cfg.candidates}, "app_name": cfg.app_name}
-    return Gateway.bind(servers, controller, cfg.default_max_tokens, cfg.admin_api_key)
+    gw = cfg.gateway
+    return Gateway.options(max_ongoing_requests=gw.max_ongoing_requests, max_queued_requests=gw.max_queued_requests
+                           ).bind(servers, controller, cfg.default_max_tokens, cfg.admin_api_key,
+                                  gw.model_dump(mode="json"))

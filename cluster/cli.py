@@ -49,6 +49,7 @@ def _serve(args) -> int:
 
     from cluster.config import ClusterConfig
     from cluster.local import start
+    from telemetry.schema import redact_url
 
     cfg = ClusterConfig.load(args.config)
     if args.port is not None:
@@ -56,7 +57,7 @@ def _serve(args) -> int:
     cluster = start(cfg, embedded_redis=not os.environ.get("REDIS_URL") and args.config is None
                     and not os.environ.get("HELIOS_CONFIG"))
     print(f"helios: serving {', '.join(c.name for c in cfg.candidates)} at {cluster.url}/v1 "
-          f"(telemetry: {cfg.telemetry.redis_url}); Ctrl-C stops", flush=True)
+          f"(telemetry: {redact_url(cfg.telemetry.redis_url)}); Ctrl-C stops", flush=True)
     stop = threading.Event()
     signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

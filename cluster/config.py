@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, Field, model_validator
 
 from controller.config import ControllerConfig
+from deployments.http_limits import GatewayConfig
 from deployments.model_server import CandidateConfig
 from engine import EngineConfig
 from telemetry.schema import TelemetryConfig
@@ -26,6 +27,8 @@ class ClusterConfig(BaseModel):
     candidates: list[CandidateConfig] = Field(default_factory=_default_candidates, min_length=1)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)
+    gateway: GatewayConfig = Field(default_factory=GatewayConfig, description="Admission limits, timeouts and "
+                                   "API keys of the HTTP gateway.")
     host: str = Field("127.0.0.1", description="Address the HTTP gateway binds.")
     port: int = Field(8000, ge=0, le=65535, description="Port of the HTTP gateway.")
     app_name: str = "helios"
@@ -50,9 +53,10 @@ class ClusterConfig(BaseModel):
         return cls.model_validate(data or {}).with_env()
 
     def with_env(self) -> "ClusterConfig":
-        """REDIS_URL and HELIOS_ADMIN_KEY override the file: secrets stay out of config (Kubernetes)."""
+        """REDIS_URL, HELIOS_ADMIN_KEY and HELIOS_API_KEYS override the file: secrets stay out of config (Kubernetes)."""
         if os.environ.get("REDIS_URL"):
             self.telemetry.redis_url = os.environ["REDIS_URL"]
         if os.environ.get("HELIOS_ADMIN_KEY"):
             self.admin_api_key = os.environ["HELIOS_ADMIN_KEY"]
+        self.gateway.with_env()
         return self

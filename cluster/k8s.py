@@ -24,6 +24,8 @@ ENV = [
     {"name": "REDIS_URL", "value": "redis://:$(REDIS_PASSWORD)@helios-redis:6379/0"},
     {"name": "HELIOS_ADMIN_KEY", "valueFrom": {"secretKeyRef": {"name": "helios-admin", "key": "api-key",
                                                                  "optional": True}}},
+    {"name": "HELIOS_API_KEYS", "valueFrom": {"secretKeyRef": {"name": "helios-api-keys", "key": "keys",
+                                                                "optional": True}}},
     {"name": "HELIOS_HOME", "value": "/home/ray/helios"},
 ]
 
@@ -45,7 +47,9 @@ def dump(doc: dict) -> str:
 
 def serve_config(cfg: ClusterConfig) -> dict:
     """Serve's multi-application config with our schema under `args`."""
-    args = cfg.model_dump(mode="json", exclude={"host", "port", "metrics_port", "admin_api_key"})
+    # secrets come from the environment (Secrets), never from the committed config
+    args = cfg.model_dump(mode="json", exclude={"host": True, "port": True, "metrics_port": True,
+                                                "admin_api_key": True, "gateway": {"api_keys"}})
     args["telemetry"].pop("redis_url")  # from REDIS_URL
     return {"http_options": {"host": "0.0.0.0", "port": cfg.port},
             "applications": [{"name": cfg.app_name, "import_path": "cluster.app:build_app", "route_prefix": "/",
@@ -54,7 +58,9 @@ def serve_config(cfg: ClusterConfig) -> dict:
 
 def _container(name: str, resources: dict, ports: list[dict]) -> dict:
     return {"name": name, "image": IMAGE, "env": ENV, "resources": resources, "ports": ports,
-            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False}}
+            # Ray writes session files under /tmp and the home directory, so its root stays writable
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
+                                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}
 
 
 def rayservice(cfg: ClusterConfig, gpu: bool) -> dict:

@@ -30,11 +30,19 @@ from telemetry.schema import PREFIX, TelemetryConfig
 DECISIONS = f"{PREFIX}:decisions"
 STATE = f"{PREFIX}:controller:state"
 PROFILES = f"{PREFIX}:controller:profiles"  # candidate -> last measured profile (performance history)
+def depth_field(candidate: str) -> str:
+    """Field of STATE holding the depth the controller last set for `candidate`: a replica that
+    replaces a dead one reads it and loads that depth."""
+    return f"depth:{candidate}"
+
+
 MEASURED = ("tokens_per_s", "step_ms", "greedy_rate", "mean_exit_layer", "agreement")
 log = logging.getLogger(__name__)
 
 
-@ray.remote(num_cpus=0)
+# restarted by Ray when its process dies; __init__ restores the routing state from Redis and the
+# gateway's watchdog calls start() again, which resumes the loop
+@ray.remote(num_cpus=0, max_restarts=-1)
 class HeliosController:
     def __init__(self, config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):
         self.cfg = ControllerConfig.model_validate(config)
@@ -247,7 +255,8 @@ class HeliosController:
         entry = {**decision.to_dict(), "t": time.time()}
         pipe = self.redis.pipeline()
         pipe.xadd(DECISIONS, {"decision": json.dumps(entry)}, maxlen=10_000, approximate=True)
-        pipe.hset(STATE, mapping={"current": self.current, "pinned": self.pinned or ""})
+        pipe.hset(STATE, mapping={"current": self.current, "pinned": self.pinned or "",
+                                  **{depth_field(n): p.depth for n, p in self.profiles.items()}})
         pipe.execute()
         self.metrics.decision(decision.action, decision.candidate)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import logging
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -16,10 +17,13 @@ from dataclasses import asdict, dataclass, field
 from pydantic import BaseModel, Field
 from ray import serve
 
+from controller.actor import STATE, depth_field
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 from telemetry.metrics import ServerMetrics
 from telemetry.schema import TelemetryConfig
 from telemetry.writer import TelemetryWriter
+
+log = logging.getLogger("ray.serve")
 
 
 class CandidateConfig(BaseModel):
@@ -27,11 +31,25 @@ class CandidateConfig(BaseModel):
 
     name: str = Field(description="Candidate name; the OpenAI `model` field that pins it.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    num_replicas: int = Field(1, ge=1)
-    max_ongoing_requests: int = Field(64, ge=1)
+    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored under autoscaling_config).")
+    autoscaling_config: dict | None = Field(None, description="Serve's autoscaling_config for this candidate "
+                                            "(min_replicas, max_replicas, target_ongoing_requests, ...).")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica holds at once; default "
+                                             "twice the engine's batch: one batch decoding, the next one "
+                                             "waiting in the engine so a freed slot is refilled at once.")
+    max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica beyond that; more are "
+                                     "refused with 503 and Retry-After (-1: unbounded).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (a fraction lets candidates share one).")
     shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early and greedy exits re-checked at "
                                                              "full depth off the critical path (greedy and sampled requests).")
+
+    @property
+    def ongoing_limit(self) -> int:
+        return self.max_ongoing_requests or 2 * self.engine.max_batch_size
+
+
+class StepFailed(RuntimeError):
+    """The engine step that carried this request failed; the replica and its other requests go on."""
 
 
 @dataclass(slots=True)
@@ -67,6 +85,11 @@ class ModelServer:
         self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
         self.flush_every = self.writer.config.flush_every_s
         self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-step")
+        # tokenising a long prompt and writing telemetry to a slow Redis must hold up neither the
+        # event loop nor the step thread: each has its own thread
+        self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tok")
+        self._flush_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-flush")
+        self._restore_depth()
         self._ops: collections.deque = collections.deque()
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
@@ -83,7 +106,8 @@ class ModelServer:
             prompt = self.chat_prompt(request["messages"])
         queue: asyncio.Queue = asyncio.Queue()
         if isinstance(prompt, str):
-            prompt = self.engine.tokenizer(prompt)["input_ids"]
+            self.engine.check_prompt_text(prompt)  # cheap: refuses what cannot fit before tokenising
+            prompt = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._tokenize, prompt)
         rid = self.engine.add_request(prompt, params, request.get("request_id"))  # raises RequestError
         self._queues[rid] = queue
         self._timing[rid] = [time.perf_counter(), 0.0]
@@ -97,6 +121,8 @@ class ModelServer:
         try:
             while True:
                 out, exits = await queue.get()
+                if out.finish_reason == "error":
+                    raise StepFailed(f"generation failed: {out.error}")
                 shown = out.text if out.finished else out.text[:max(len(sent), len(out.text) - hold)]
                 delta, sent = shown[len(sent):], shown
                 yield Chunk(rid, delta, out.new_token_ids, out.finished, out.finish_reason, out.num_prompt_tokens,
@@ -109,6 +135,9 @@ class ModelServer:
             self._timing.pop(rid, None)
             if self._queues.pop(rid, None) is not None and not self._finished(rid):
                 self._ops.append(lambda: self.engine.abort(rid))  # client went away
+
+    def _tokenize(self, prompt: str) -> list[int]:
+        return self.engine.tokenizer(prompt)["input_ids"]
 
     def chat_prompt(self, messages: list[dict]) -> str:
         tok = self.engine.tokenizer
@@ -147,6 +176,16 @@ class ModelServer:
         self._ops.append(op)
         self._wake.set()
         return await done
+
+    def _restore_depth(self) -> None:
+        """A replica that replaces a dead one comes back at the depth the controller last set."""
+        try:
+            saved = self.writer.redis.hget(STATE, depth_field(self.name))
+        except Exception as e:  # noqa: BLE001 - no Redis: serve at the configured depth
+            log.warning("%s: could not read the controller's depth (%s); serving the configured depth", self.name, e)
+            return
+        if saved is not None and 1 <= int(saved) <= self.engine.num_layers and int(saved) != self.engine.depth:
+            self.engine.load_layers(int(saved))
 
     def _thresholds(self) -> dict[int, float]:
         return self.engine.exits.thresholds() if self.engine.exits is not None else {}
@@ -201,7 +240,11 @@ class ModelServer:
 
     def _step(self):
         while self._ops:
-            self._ops.popleft()()
+            op = self._ops.popleft()
+            try:
+                op()
+            except Exception:  # noqa: BLE001 - e.g. an abort of a request already gone
+                log.exception("%s: operation between steps failed", self.name)
         if not self.engine.has_unfinished():
             return None
         t = time.perf_counter()
@@ -213,14 +256,15 @@ class ModelServer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        last_flush = time.monotonic()
+        flushing = None
         while True:
-            out = await loop.run_in_executor(self._pool, self._step)
-            if time.monotonic() - last_flush >= self.flush_every:
-                # on the step thread: record() and flush() must never interleave, or records made
-                # between building the pipeline and clearing the buffers would be lost
-                await loop.run_in_executor(self._pool, self.writer.flush)  # a failed flush keeps its data
-                last_flush = time.monotonic()
+            if flushing is None or flushing.done():  # on its own thread: a hung Redis delays no token
+                flushing = loop.run_in_executor(self._flush_pool, self._flush_when_due)
+            try:
+                out = await loop.run_in_executor(self._pool, self._step)
+            except Exception:  # noqa: BLE001 - an operation between steps failed; the loop goes on
+                log.exception("%s: step loop iteration failed", self.name)
+                continue
             if out is None:
                 self._wake.clear()
                 if not self._ops:
@@ -229,14 +273,24 @@ class ModelServer:
                     except asyncio.TimeoutError:
                         pass
                 continue
-            by_request: dict[str, list] = collections.defaultdict(list)
-            for rec in out.exits:
-                by_request[rec.request_id].append(rec)
+            self._deliver(out)
+
+    def _flush_when_due(self) -> None:
+        time.sleep(self.flush_every)
+        self.writer.flush()  # a failed flush keeps its data for the next one
+
+    def _deliver(self, out) -> None:
+        by_request: dict[str, list] = collections.defaultdict(list)
+        for rec in out.exits:
+            by_request[rec.request_id].append(rec)
+        try:
             self._shadow_sample(out)
-            now = time.perf_counter()
-            for o in out.outputs:
-                self._served += len(o.new_token_ids)
-                self._observe_latency(o.request_id, now)
-                q = self._queues.get(o.request_id)
-                if q is not None:
-                    q.put_nowait((o, by_request[o.request_id]))
+        except Exception:  # noqa: BLE001 - quality sampling must never cost a request
+            log.exception("%s: shadow sampling failed", self.name)
+        now = time.perf_counter()
+        for o in out.outputs:
+            self._served += len(o.new_token_ids)
+            self._observe_latency(o.request_id, now)
+            q = self._queues.get(o.request_id)
+            if q is not None:
+                q.put_nowait((o, by_request[o.request_id]))

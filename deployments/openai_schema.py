@@ -5,9 +5,22 @@ import time
 import uuid
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from typing_extensions import Annotated
 
 from engine import SamplingParams
+
+
+def _unicode(v: str) -> str:
+    """JSON may spell a lone surrogate (\\ud800), which no tokenizer can encode: refuse it here."""
+    try:
+        v.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"not valid Unicode text ({e.reason} at character {e.start})") from None
+    return v
+
+
+Text = Annotated[str, AfterValidator(_unicode)]
 
 
 class _Sampling(BaseModel):
@@ -18,11 +31,22 @@ class _Sampling(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    logprobs: int | bool | None = Field(None, description="Not supported: refused unless null or false.")
+    echo: bool = Field(False, description="Not supported: refused unless false.")
+    top_logprobs: int | None = Field(None, description="Not supported: refused unless null.")
     stream: bool = False
     n: int = Field(1, ge=1, le=1, description="Only one choice per request is generated.")
     ignore_eos: bool = Field(False, description="vLLM's extra parameter: generate past end-of-sequence.")
+
+    @field_validator("logprobs", "echo", "top_logprobs")
+    @classmethod
+    def _unsupported(cls, v, info):
+        # silently ignoring them would hand a client something other than what it asked for
+        if v is not None and v is not False and not (info.field_name == "top_logprobs" and v == 0):
+            raise ValueError(f"{info.field_name} is not supported by this server")
+        return v
 
     def sampling(self, default_max_tokens: int = 64) -> SamplingParams:
         return SamplingParams(max_tokens=self.max_completion_tokens or self.max_tokens or default_max_tokens,
@@ -31,12 +55,12 @@ class _Sampling(BaseModel):
 
 
 class CompletionRequest(_Sampling):
-    prompt: str | list[int] = Field(min_length=1)
+    prompt: Text | list[int] = Field(min_length=1)
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(_Sampling):

@@ -13,6 +13,9 @@ def helios_home() -> Path:
     return Path(os.environ.get("HELIOS_HOME", Path.home() / ".cache" / "helios"))
 
 
+MIN_TEMPERATURE = 1e-2
+
+
 class SamplingParams(BaseModel):
     """Per-request decoding settings; the same names OpenAI and vLLM use."""
 
@@ -22,13 +25,21 @@ class SamplingParams(BaseModel):
     temperature: float = Field(0.0, ge=0.0, le=5.0, description="0 means greedy decoding.")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: list[str] = Field(default_factory=list, description="Generation ends when any of these strings appears.")
-    seed: int | None = Field(None, description="Seed of this request's own sampling generator.")
+    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1,
+                             description="Seed of this request's own sampling generator (torch's range).")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
 
     @field_validator("stop", mode="before")
     @classmethod
     def _one_stop_is_a_list(cls, v):
         return [v] if isinstance(v, str) else v
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature_the_maths_allows(cls, v):
+        # logits / 1e-40 overflow to inf and the softmax to NaN; below MIN_TEMPERATURE sampling is
+        # greedy in all but name anyway, so such a temperature is raised to it (vLLM does the same)
+        return MIN_TEMPERATURE if 0.0 < v < MIN_TEMPERATURE else v
 
 
 class EngineConfig(BaseModel):

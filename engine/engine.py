@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import itertools
+import logging
 from dataclasses import dataclass, field
 
 import torch
@@ -23,6 +24,7 @@ from engine.scheduler import Scheduler
 from engine.sequence import ExitRecord, Sequence, StepOutput
 from engine.store import CheckpointError, LayerStore, ensure_converted
 
+log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -85,6 +87,10 @@ class LLMEngine:
         self.stats = EngineStats()
         self.scheduler = Scheduler(config.max_batch_size, self.eos_ids, config.max_model_len, self._detokenize)
         self._ids = itertools.count()
+        # no token spells more characters than the longest vocabulary entry, so a text longer than
+        # this cannot fit the context: it is refused before any tokenising work
+        longest = max(map(len, self.tokenizer.get_vocab()), default=1)
+        self.max_prompt_chars = longest * config.max_model_len
 
     # ---- public API ------------------------------------------------------------------------
     @property
@@ -98,6 +104,8 @@ class LLMEngine:
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
         params = params or SamplingParams()
+        if isinstance(prompt, str):
+            self.check_prompt_text(prompt)
         ids = self.tokenizer(prompt)["input_ids"] if isinstance(prompt, str) else list(prompt)
         if not ids:
             raise RequestError("prompt", "prompt is empty")
@@ -113,6 +121,16 @@ class LLMEngine:
         self.scheduler.add(seq)
         return seq.request_id
 
+    def check_prompt_text(self, prompt: str) -> None:
+        """Refuse text that cannot be tokenised or cannot fit the context, before tokenising it."""
+        if len(prompt) > self.max_prompt_chars:
+            raise RequestError("prompt", f"prompt has {len(prompt)} characters; no prompt over "
+                               f"{self.max_prompt_chars} fits the context limit of {self.config.max_model_len} tokens")
+        try:
+            prompt.encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise RequestError("prompt", f"prompt is not valid Unicode text: {e.reason} at character {e.start}")
+
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
 
@@ -120,9 +138,18 @@ class LLMEngine:
         return self.scheduler.has_unfinished()
 
     def step(self) -> StepOutput:
+        """One prefill or decode step. If it fails, only the requests it touched fail: each gets a
+        finished output with finish_reason "error", their slots are freed, and the engine goes on."""
         seqs, is_prefill = self.scheduler.schedule()
         if not seqs:
             return StepOutput([], [], is_prefill)
+        try:
+            return self._step(seqs, is_prefill)
+        except Exception as e:  # noqa: BLE001 - any fault of one step is confined to its rows
+            log.exception("engine step failed; failing its %d requests", len(seqs))
+            return StepOutput(self.scheduler.fail(seqs, f"{type(e).__name__}: {e}"), [], is_prefill)
+
+    def _step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
         dev = self.model.device
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         if is_prefill:

@@ -38,6 +38,16 @@ class Scheduler:
                 return True
         return False
 
+    def fail(self, seqs: list[Sequence], error: str) -> list[RequestOutput]:
+        """Finish `seqs` with finish_reason "error" (their step failed), freeing their slots."""
+        outputs = []
+        for seq in seqs:
+            if seq.status is not Status.FINISHED:
+                self._finish(seq, "error")
+            outputs.append(RequestOutput(seq.request_id, [], seq.text, True, "error", len(seq.prompt_ids),
+                                         len(seq.output_ids), error))
+        return outputs
+
     def postprocess(self, seqs: list[Sequence], tokens: list[int]) -> list[RequestOutput]:
         outputs = []
         for seq, token in zip(seqs, tokens):

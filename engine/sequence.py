@@ -23,7 +23,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     status: Status = Status.WAITING
     slot: int = -1  # KV cache slot while running
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     text: str = ""  # detokenised output, cut at a stop string
     # incremental detokenisation: output_ids[prefix_offset:read_offset] is the context the next
     # token's text is decoded in; ids from read_offset on have not reached `text` yet
@@ -69,6 +69,7 @@ class RequestOutput:
     finish_reason: str | None
     num_prompt_tokens: int
     num_output_tokens: int
+    error: str | None = None  # set when the step that touched this request failed (finish_reason "error")
 
 
 @dataclass(slots=True)

@@ -32,6 +32,17 @@ class TelemetryConfig(BaseModel):
     stream_maxlen: int = Field(10_000, ge=100, description="Approximate cap of the batch-summary stream.")
 
 
+def redact_url(url: str) -> str:
+    """The URL with its password hidden, for logs and messages."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username or ''}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
 def window_of(t: float, window_s: float) -> int:
     return int(t // window_s)
 

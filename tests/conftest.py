@@ -54,12 +54,12 @@ def smollm2_calibrated(smollm2):
     return smollm2, report
 
 
-def shipped_only(home: Path, into: Path) -> Path:
-    """A HELIOS_HOME with the converted SmolLM2 linked in but no calibration of its own: engines
+def shipped_only(home: Path, into: Path, model: str = "smollm2") -> Path:
+    """A HELIOS_HOME with the converted model linked in but no calibration of its own: engines
     there serve the exit heads shipped with the package."""
-    store = into / "smollm2"
+    store = into / model
     store.mkdir(parents=True, exist_ok=True)
-    for f in (home / "smollm2").iterdir():
+    for f in (home / model).iterdir():
         if f.name != "exits":
             (store / f.name).symlink_to(f)
     return into

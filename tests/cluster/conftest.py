@@ -8,6 +8,7 @@ from cluster.config import ClusterConfig
 from cluster.local import start
 
 ADMIN_KEY = "test-admin-key"
+API_KEY = "test-api-key"
 # exact token counts are asserted; an early end-of-sequence must not cut a request short
 FULL = {"ignore_eos": True}
 
@@ -44,13 +45,15 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
         "candidates": [
             # no exit heads at 8 of 30 layers: every token is a greedy exit, so this one breaches;
             # and no chat template, so chat must avoid it
+            # and it admits 2 requests with 2 queued, so a burst meets back-pressure
             {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": base_home},
-             "shadow_rate": 1.0},
+             "shadow_rate": 1.0, "max_ongoing_requests": 2, "max_queued_requests": 2},
             {"name": "smollm2", "engine": {"model": "smollm2", "home": home}, "shadow_rate": 1.0},
         ],
         "controller": {"quality_floor": 0.0, "breach_window": 30, "breach_max": 10, "profile_sample": 1,
                        "tick_s": 0.5, "thresholds": {"min_checks": 8}},
         "telemetry": {"redis_url": redis_url, "flush_every_s": 0.5},
+        "gateway": {"api_keys": [API_KEY], "max_body_bytes": 65536},
     })
     c = start(cfg, embedded_redis=False)
     yield c
@@ -61,4 +64,4 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
 def client(cluster):
     import openai
 
-    return openai.OpenAI(base_url=cluster.url + "/v1", api_key="unused")
+    return openai.OpenAI(base_url=cluster.url + "/v1", api_key=API_KEY)

@@ -9,7 +9,7 @@ import ray
 
 from cluster.config import ClusterConfig
 from cluster.local import RedisUnreachable, start
-from tests.cluster.conftest import FULL
+from tests.cluster.conftest import API_KEY, FULL
 from telemetry.reader import TelemetryReader
 from telemetry.schema import TelemetryConfig
 
@@ -17,7 +17,8 @@ pytestmark = pytest.mark.slow
 
 
 def _post(url: str, body: str) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body.encode(), headers={"content-type": "application/json"})
+    req = urllib.request.Request(url, data=body.encode(), headers={"content-type": "application/json",
+                                                                   "authorization": f"Bearer {API_KEY}"})
     try:
         with urllib.request.urlopen(req, timeout=120) as r:
             return r.status, json.loads(r.read())

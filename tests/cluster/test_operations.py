@@ -125,7 +125,16 @@ def test_operator_page_shows_live_state_and_pins_a_candidate(cluster, client, tm
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import Select, WebDriverWait
 
+    import redis
+
+    from controller.actor import DECISIONS
+
     client.completions.create(model="smollm2", prompt="For the page", max_tokens=6, extra_body=FULL)
+    # anyone who reaches Redis can write the decision log: the page must show this as text
+    hostile = '<img src=x onerror="window.pwned=1"><script>window.pwned=2</script>'
+    redis.Redis.from_url(cluster.config.telemetry.redis_url).xadd(DECISIONS, {"decision": json.dumps(
+        {"action": "note\"><b>", "candidate": hostile, "depth": hostile, "reason": hostile,
+         "evidence": {"x": hostile}, "t": time.time()})})
     time.sleep(1.5)  # one telemetry flush
     browser = _browser()
     try:
@@ -144,6 +153,9 @@ def test_operator_page_shows_live_state_and_pins_a_candidate(cluster, client, tm
         served = sum(int(b.get_attribute("data-count")) for b in
                      cards["smollm2"].find_elements(By.CSS_SELECTOR, "svg.exit-hist rect"))
         assert served >= 6  # the request above shows up in the live exit histogram
+        assert browser.execute_script("return window.pwned") is None
+        assert not browser.find_elements(By.CSS_SELECTOR, "#decisions img, #decisions script, #decisions b")
+        assert hostile in browser.find_element(By.ID, "decisions").text
         actions = {r.get_attribute("data-action") for r in browser.find_elements(By.CSS_SELECTOR, "tr.decision")}
         assert "select" in actions or "restore" in actions
         browser.save_screenshot(str(tmp_path / "dashboard.png"))

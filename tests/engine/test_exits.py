@@ -48,6 +48,15 @@ def test_a_store_without_calibration_serves_the_shipped_exits(smollm2, tmp_path)
     assert shipped < 8 * 2**20, shipped
 
 
+def test_gemma3_ships_its_exits_too(gemma3, tmp_path):
+    engine = LLMEngine(EngineConfig(model="gemma3", home=shipped_only(gemma3.home, tmp_path, "gemma3")))
+    assert engine.exits is not None and engine.exits.meta["model"] == "gemma3"
+    assert min(d["agreement"] for d in engine.exits.meta["domains"].values()) >= 0.95  # held-out, per domain
+    [result] = engine.generate(["def is_prime(n):"], SamplingParams(max_tokens=16, ignore_eos=True))
+    assert any(e.layer < engine.num_layers for e in result.exits), "shipped heads should let tokens exit early"
+    assert sum(f.stat().st_size for f in (SHIPPED / "gemma3").iterdir()) < 8 * 2**20
+
+
 def test_exit_records_one_per_token_and_greedy_flag_exact(smollm2_calibrated):
     ref, _ = smollm2_calibrated
     thresholds = {l: 0.6 for l in range(2, 30, 2)}
