@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from controller.config import ControllerConfig
 from deployments.http_limits import GatewayConfig
@@ -24,6 +24,8 @@ def _default_candidates() -> list[CandidateConfig]:
 
 
 class ClusterConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
+
     candidates: list[CandidateConfig] = Field(default_factory=_default_candidates, min_length=1)
     controller: ControllerConfig = Field(default_factory=ControllerConfig)
     telemetry: TelemetryConfig = Field(default_factory=TelemetryConfig)

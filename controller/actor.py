@@ -86,8 +86,9 @@ class HeliosController:
     def decisions(self, count: int = 50) -> list[dict]:
         return [json.loads(f[b"decision"]) for _, f in self.redis.xrevrange(DECISIONS, count=count)]
 
-    def snapshot(self, windows: int = 6) -> dict:
+    def snapshot(self, windows: int | None = None) -> dict:
         """Everything the operator page shows: routing state, live telemetry per candidate, decisions."""
+        windows = windows or self.cfg.windows
         live = {}
         for name in self.names:
             w = self.reader.window(name, windows=windows)
@@ -194,7 +195,7 @@ class HeliosController:
 
     async def tick(self) -> P.Decision | None:
         for name in self.names:
-            window = self.reader.window(name, windows=6)
+            window = self.reader.window(name, windows=self.cfg.windows)
             p = self.profiles[name]
             if window.tokens:
                 p.tokens_per_s = window.tokens_per_busy_s

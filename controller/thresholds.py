@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 OFF = 1.1  # as engine.thresholds.OFF: no probability reaches it
 
 
 class TunerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
+
     enabled: bool = Field(True, description="Move exit thresholds to hold the agreement floor.")
     floor: float = Field(0.95, gt=0, le=1, description="Agreement each exit layer must keep (shadow-verified).")
     margin: float = Field(0.03, ge=0, le=0.5, description="Agreement above floor + margin lowers a threshold.")

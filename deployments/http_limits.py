@@ -10,10 +10,12 @@ import json
 import os
 
 from fastapi import HTTPException
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class GatewayConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
+
     max_ongoing_requests: int = Field(512, ge=1, description="Requests the gateway replica holds at once "
                                       "(streams included); Serve's proxy queues the ones beyond.")
     max_queued_requests: int = Field(256, ge=-1, description="Requests queued in front of the gateway; more "

@@ -14,7 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from controller.actor import STATE, depth_field
@@ -28,6 +28,8 @@ log = logging.getLogger("ray.serve")
 
 class CandidateConfig(BaseModel):
     """A candidate EE-LLM: one model, its loaded depth and exits, served by one deployment."""
+
+    model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
 
     name: str = Field(description="Candidate name; the OpenAI `model` field that pins it.")
     engine: EngineConfig = Field(default_factory=EngineConfig)

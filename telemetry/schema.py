@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 PREFIX = "helios"
 CANDIDATES = f"{PREFIX}:candidates"
@@ -25,6 +25,8 @@ COUNT_FIELDS = ("tokens", "greedy", "breaches", "involuntary", "steps", "dropped
 
 
 class TelemetryConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
+
     redis_url: str = Field("redis://127.0.0.1:6379/0", description="Where exit telemetry is kept.")
     window_s: float = Field(10.0, gt=0, description="Width of one aggregation window.")
     retention_s: int = Field(3600, ge=60, description="How long window keys live.")

@@ -1,0 +1,28 @@
+"""The one cluster schema refuses what it does not know, at every level, naming where."""
+import pytest
+from pydantic import ValidationError
+
+from cluster.config import ClusterConfig
+
+
+@pytest.mark.parametrize("doc, where", [
+    ({"controler": {}}, "controler"),
+    ({"controller": {"breach_windw": 10}}, "controller.breach_windw"),
+    ({"controller": {"thresholds": {"flor": 0.9}}}, "controller.thresholds.flor"),
+    ({"telemetry": {"flush_every": 1}}, "telemetry.flush_every"),
+    ({"gateway": {"api_key": ["k"]}}, "gateway.api_key"),
+    ({"candidates": [{"name": "a", "replicas": 2}]}, "candidates.0.replicas"),
+    ({"candidates": [{"name": "a", "engine": {"max_batch": 4}}]}, "candidates.0.engine.max_batch"),
+])
+def test_a_typo_anywhere_in_the_config_is_an_error_naming_it(doc, where):
+    with pytest.raises(ValidationError) as e:
+        ClusterConfig.model_validate(doc)
+    assert where in {".".join(map(str, err["loc"])) for err in e.value.errors()}
+
+
+def test_the_defaults_and_the_generated_serve_config_still_validate():
+    from cluster.k8s import serve_config
+
+    cfg = ClusterConfig()
+    args = serve_config(cfg)["applications"][0]["args"]
+    assert ClusterConfig.model_validate(args).candidates == cfg.candidates
