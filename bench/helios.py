@@ -119,7 +119,7 @@ def summarise(system, wl, batch, r, ref_tokens, budget, verify) -> dict:
         "mem_MiB": r["mem"] / 2**20,
         "batch_in_budget": _batch_in_budget(serving, budget) if serving else float("nan"),
         "J_per_tok": r["energy"] / n if r["energy"] is not None else float("nan"),
-        "decisions": len([d for d in r["decisions"] if d["action"] != "load"]),
+        "decisions": len([d for d in r["decisions"] if d["action"] != "load_layers"]),
     }
 
 

@@ -60,7 +60,7 @@ class Helios:
             if depth != engines[name].depth:
                 engines[name].load_layers(depth)
                 p.depth = depth
-                self._log(0, P.Decision("load", name, depth, f"{greedy_share:.0%} of calibrated exits by here"))
+                self._log(0, P.Decision(P.Action.LOAD_LAYERS, name, depth, f"{greedy_share:.0%} of calibrated exits by here"))
         self.profile_tokens = profile_tokens
         self.selected = False
         self._rr = 0
@@ -82,7 +82,7 @@ class Helios:
         self.selected = True
         if best is not None:
             self.current = best.name
-            self._log(self._served, P.Decision("select", best.name, best.depth, "profiling round done",
+            self._log(self._served, P.Decision(P.Action.SELECT, best.name, best.depth, "profiling round done",
                                                {n: round(p.tokens_per_s, 2) for n, p in self.profiles.items()}))
 
     def observe(self, name: str, exits: list[ExitRecord], served: int, step_s: float) -> None:
@@ -102,11 +102,11 @@ class Helios:
         cur.tokens_per_s = self._speed(cur.name)
         d = P.on_breach(cur, [q for q in self.profiles.values() if q.name != cur.name], self.objective, self.floor)
         d.evidence["breaches_in_window"] = self.breaches.count
-        if d.action == "load_deeper":
+        if d.action is P.Action.LOAD_DEEPER:
             self.engines[d.candidate].load_layers(d.depth)
             cur.depth = d.depth
             self._busy[d.candidate] = [0, 0.0]  # its speed is re-measured at the new depth
-        elif d.action == "switch":
+        elif d.action is P.Action.SWITCH:
             self.current = d.candidate  # in-flight requests finish where they started
         self.breaches.reset()
         self._log(served, d)

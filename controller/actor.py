@@ -102,7 +102,7 @@ class HeliosController:
     def reprofile(self) -> dict:
         self.schedule.start_round()
         self._reselect = False
-        self._log(P.Decision("reprofile", self.current, self.profiles[self.current].depth,
+        self._log(P.Decision(P.Action.REPROFILE, self.current, self.profiles[self.current].depth,
                              "operator asked for a profiling round"))
         return self.state()
 
@@ -118,7 +118,7 @@ class HeliosController:
         if candidate:
             self.current = candidate
             self.breaches.reset()
-        self._log(P.Decision("pin" if candidate else "unpin", self.current, self.profiles[self.current].depth,
+        self._log(P.Decision(P.Action.PIN if candidate else P.Action.UNPIN, self.current, self.profiles[self.current].depth,
                              f"operator pinned {candidate}" if candidate else "operator released the pin"))
         return self.state()
 
@@ -128,7 +128,7 @@ class HeliosController:
         if not 1 <= depth <= p.num_layers:
             raise ValueError(f"depth {depth} outside 1..{p.num_layers} for {candidate}")
         p.depth = await self.handles[candidate].load_layers.remote(depth)
-        self._log(P.Decision("set_depth", candidate, p.depth, "operator set the loaded depth"))
+        self._log(P.Decision(P.Action.SET_DEPTH, candidate, p.depth, "operator set the loaded depth"))
         return self.state()
 
     async def set_thresholds(self, candidate: str, thresholds: dict[int, float]) -> dict:
@@ -140,7 +140,7 @@ class HeliosController:
             raise ValueError(f"{candidate} has no exit point at layers {sorted(unknown)}")
         served = await self.handles[candidate].set_thresholds.remote({int(l): float(t) for l, t in thresholds.items()})
         tuner.reset(served, self.reader.shadow_by_layer(candidate))
-        self._log(P.Decision("set_thresholds", candidate, self.profiles[candidate].depth,
+        self._log(P.Decision(P.Action.SET_THRESHOLDS, candidate, self.profiles[candidate].depth,
                              "operator set exit thresholds", {"thresholds": served}))
         return self.state()
 
@@ -167,7 +167,7 @@ class HeliosController:
             self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats["thresholds"].items()})
             self.tuners[name].reset(None, self.reader.shadow_by_layer(name))  # judge only what it serves from now
         if self.restored:
-            self._log(P.Decision("restore", self.current, self.profiles[self.current].depth,
+            self._log(P.Decision(P.Action.RESTORE, self.current, self.profiles[self.current].depth,
                                  "state restored from Redis after a restart",
                                  {"profiles": {n: {f: getattr(p, f) for f in MEASURED}
                                                for n, p in self.profiles.items()}}))
@@ -179,9 +179,9 @@ class HeliosController:
             target = P.greedy_depth(p.exit_hist, self.cfg.greedy_share, p.num_layers)
             if p.exit_hist and target != p.depth:
                 p.depth = await self.handles[name].load_layers.remote(target)
-                self._log(P.Decision("load_layers", name, p.depth, f"greedy loading: {self.cfg.greedy_share:.0%} "
+                self._log(P.Decision(P.Action.LOAD_LAYERS, name, p.depth, f"greedy loading: {self.cfg.greedy_share:.0%} "
                                      "of calibrated exits happen by this depth", {"exit_hist": p.exit_hist}))
-        self._log(P.Decision("select", self.current, self.profiles[self.current].depth,
+        self._log(P.Decision(P.Action.SELECT, self.current, self.profiles[self.current].depth,
                              "initial selection by calibrated quality and objective",
                              {"objective": self.cfg.objective.value, "quality_floor": self.cfg.quality_floor}))
 
@@ -222,7 +222,7 @@ class HeliosController:
                 if changed:
                     self.current = best.name
                     self.breaches.reset()
-                self._log(P.Decision("select", best.name, best.depth, "profiling round measured: best by objective "
+                self._log(P.Decision(P.Action.SELECT, best.name, best.depth, "profiling round measured: best by objective "
                                      f"within the quality floor ({'switched' if changed else 'kept'})",
                                      {"objective": self.cfg.objective.value, "profiles": self.state()["profiles"]}))
         if not self.breaches.tripped or self.pinned:
@@ -230,9 +230,9 @@ class HeliosController:
         cur = self.profiles[self.current]
         decision = P.on_breach(cur, list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
         decision.evidence["breaches_in_window"] = self.breaches.count
-        if decision.action == "load_deeper":
+        if decision.action is P.Action.LOAD_DEEPER:
             cur.depth = await self.handles[self.current].load_layers.remote(decision.depth)
-        elif decision.action == "switch":
+        elif decision.action is P.Action.SWITCH:
             self.current = decision.candidate
         self.breaches.reset()
         self._log(decision)
@@ -243,7 +243,7 @@ class HeliosController:
         if not changes:
             return
         served = await self.handles[name].set_thresholds.remote({c.layer: c.new for c in changes})
-        self._log(P.Decision("set_thresholds", name, self.profiles[name].depth, "; ".join(c.reason for c in changes),
+        self._log(P.Decision(P.Action.SET_THRESHOLDS, name, self.profiles[name].depth, "; ".join(c.reason for c in changes),
                              {"changes": [asdict(c) for c in changes], "floor": self.cfg.thresholds.floor,
                               "thresholds": served}))
 
@@ -259,7 +259,7 @@ class HeliosController:
         pipe.hset(STATE, mapping={"current": self.current, "pinned": self.pinned or "",
                                   **{depth_field(n): p.depth for n, p in self.profiles.items()}})
         pipe.execute()
-        self.metrics.decision(decision.action, decision.candidate)
+        self.metrics.decision(decision.action.value, decision.candidate)
 
 
 def ensure_controller(config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):

@@ -105,16 +105,32 @@ class BreachCounter:
         self._flags.clear()
 
 
+class Action(str, enum.Enum):
+    """What a decision did; its value is what the decision log and the metrics label say."""
+
+    SELECT = "select"  # routing chose a candidate (initial, or after a profiling round)
+    LOAD_LAYERS = "load_layers"  # greedy loading at start: the depth that covers most calibrated exits
+    LOAD_DEEPER = "load_deeper"  # breaches tripped: grow the serving candidate's depth
+    SWITCH = "switch"  # breaches tripped: route to another candidate
+    HOLD = "hold"  # breaches tripped but nothing better exists
+    RESTORE = "restore"  # state read back from Redis after a restart
+    REPROFILE = "reprofile"  # operator: start a profiling round
+    PIN = "pin"  # operator: route everything to one candidate
+    UNPIN = "unpin"
+    SET_DEPTH = "set_depth"  # operator: load a depth
+    SET_THRESHOLDS = "set_thresholds"  # operator or live tuning: move exit thresholds
+
+
 @dataclass(slots=True)
 class Decision:
-    action: str  # "select" | "load_deeper" | "switch" | "hold"
+    action: "Action"
     candidate: str
     depth: int
     reason: str
     evidence: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "action": self.action.value}
 
 
 def on_breach(current: CandidateProfile, others: list[CandidateProfile], objective: Objective,
@@ -138,17 +154,17 @@ def on_breach(current: CandidateProfile, others: list[CandidateProfile], objecti
     options = [p for p in others if p.name != current.name and p.agreement >= quality_floor]
     best_other = max(options, key=lambda p: score(p, objective, memory_budget, context), default=None)
     if deeper is None and best_other is None:
-        return Decision("hold", current.name, current.depth, "breaching at full depth with no eligible candidate",
+        return Decision(Action.HOLD, current.name, current.depth, "breaching at full depth with no eligible candidate",
                         evidence)
     s_deeper = score(deeper, objective, memory_budget, context) if deeper else -math.inf
     s_other = score(best_other, objective, memory_budget, context) if best_other else -math.inf
     evidence.update({"predicted_deeper": s_deeper, "predicted_switch": s_other,
                      "switch_to": best_other.name if best_other else None})
     if s_deeper >= s_other:
-        return Decision("load_deeper", current.name, new_depth,
+        return Decision(Action.LOAD_DEEPER, current.name, new_depth,
                         f"breaches over limit; {current.depth}->{new_depth} layers predicted better than switching",
                         evidence)
-    return Decision("switch", best_other.name, best_other.depth,
+    return Decision(Action.SWITCH, best_other.name, best_other.depth,
                     f"breaches over limit; {best_other.name} predicted better than loading deeper", evidence)
 
 
