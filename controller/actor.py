@@ -99,7 +99,8 @@ class HeliosController:
                 "decisions": self.decisions(20)}
 
     # ---- operator actions (the gateway's admin API) ----------------------------------------------
-    def reprofile(self) -> dict:
+    async def reprofile(self) -> dict:
+        await self.start()  # after a restart, profiles exist once the initial round has run
         self.schedule.start_round()
         self._reselect = False
         self._log(P.Decision(P.Action.REPROFILE, self.current, self.profiles[self.current].depth,
@@ -110,8 +111,9 @@ class HeliosController:
         if candidate not in self.names:
             raise ValueError(f"unknown candidate {candidate!r}; expected one of {self.names}")
 
-    def pin(self, candidate: str | None) -> dict:
+    async def pin(self, candidate: str | None) -> dict:
         """Route every request to `candidate`; None hands routing back to the controller."""
+        await self.start()
         if candidate is not None:
             self._check_candidate(candidate)
         self.pinned = candidate
@@ -124,6 +126,7 @@ class HeliosController:
 
     async def set_depth(self, candidate: str, depth: int) -> dict:
         self._check_candidate(candidate)
+        await self.start()
         p = self.profiles[candidate]
         if not 1 <= depth <= p.num_layers:
             raise ValueError(f"depth {depth} outside 1..{p.num_layers} for {candidate}")
@@ -134,6 +137,7 @@ class HeliosController:
     async def set_thresholds(self, candidate: str, thresholds: dict[int, float]) -> dict:
         """Serve `candidate` with these exit thresholds; live tuning goes on from them."""
         self._check_candidate(candidate)
+        await self.start()
         tuner = self.tuners[candidate]
         unknown = set(map(int, thresholds)) - set(tuner.thresholds)
         if unknown:
@@ -146,8 +150,8 @@ class HeliosController:
 
     async def start(self) -> None:
         """Initial profile, selection and greedy loading, then the telemetry loop (once, however often called)."""
-        if self._started is None:
-            self._started = asyncio.ensure_future(self._start())
+        if self._started is None or (self._started.done() and self._started.exception() is not None):
+            self._started = asyncio.ensure_future(self._start())  # a failed start is tried again
         await asyncio.shield(self._started)
 
     async def _start(self) -> None:

@@ -108,7 +108,7 @@ def test_a_killed_controller_comes_back_with_its_state_and_routing_goes_on(clust
     deadline, state = time.time() + 120, None
     while time.time() < deadline:
         s = httpx.get(f"{cluster.url}/admin/state", timeout=30)
-        if s.status_code == 200 and s.json()["restored"]:
+        if s.status_code == 200 and s.json()["restored"] and len(s.json()["profiles"]) == 2:  # loop resumed
             state = s.json()
             break
         time.sleep(1)
