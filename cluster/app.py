@@ -13,6 +13,13 @@ def deployment_name(candidate: str) -> str:
     return f"model-{candidate}"
 
 
+def _actor_options(c) -> dict:
+    options = {"num_cpus": 0, "num_gpus": c.num_gpus}
+    if c.node_labels:  # preferred nodes, then any node: a candidate outlives the loss of its nodes
+        options.update(label_selector=c.node_labels, fallback_strategy=[{"label_selector": {}}])
+    return options
+
+
 def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
     cfg = args if isinstance(args, ClusterConfig) else ClusterConfig.model_validate(args or {}).with_env()
     telemetry = cfg.telemetry.model_dump()
@@ -24,7 +31,7 @@ def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
     servers = {
         c.name: ModelServer.options(name=deployment_name(c.name), max_ongoing_requests=c.ongoing_limit,
                                     max_queued_requests=c.max_queued_requests,
-                                    ray_actor_options={"num_cpus": 0, "num_gpus": c.num_gpus},
+                                    ray_actor_options=_actor_options(c),
                                     **({"autoscaling_config": c.autoscaling_config} if c.autoscaling_config
                                        else {"num_replicas": c.num_replicas})).bind(
             c.model_dump(mode="json"), telemetry, verifiers.get(c.engine.model) if c.shadow_rate > 0 else None)

@@ -14,6 +14,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -42,6 +43,8 @@ class CandidateConfig(BaseModel):
     max_queued_requests: int = Field(64, ge=-1, description="Requests waiting for a replica beyond that; more are "
                                      "refused with 503 and Retry-After (-1: unbounded).")
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (a fraction lets candidates share one).")
+    node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels this candidate's "
+                                        "replicas prefer; while no such node is alive they run on any node.")
     shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early and greedy exits re-checked at "
                                                              "full depth off the critical path (greedy and sampled requests).")
 
@@ -195,7 +198,7 @@ class ModelServer:
     def stats(self) -> dict:
         mem = self.engine.memory_bytes()
         exits = self.engine.exits
-        return {"candidate": self.name, "depth": self.engine.depth, "num_layers": self.engine.num_layers,
+        return {"candidate": self.name, "node_id": ray.get_runtime_context().get_node_id(), "depth": self.engine.depth, "num_layers": self.engine.num_layers,
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
                 "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
