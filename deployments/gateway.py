@@ -75,6 +75,8 @@ async def _unexpected(_: Request, exc: Exception):
 
 
 def _as_api_error(exc: Exception) -> APIError:
+    if isinstance(exc, APIError):
+        return exc
     cause = getattr(exc, "cause", None) or exc  # Ray wraps a replica's exception; .cause is the original
     if isinstance(cause, RequestError):
         return APIError(400, str(cause), cause.field)
@@ -300,8 +302,6 @@ class Gateway:
         gen = self.servers[candidate].generate.remote({**payload, "params": params.model_dump()})
         try:
             first = await self._next(gen, deadline)
-        except APIError:
-            raise
         except Exception as e:
             raise _as_api_error(e)
         return candidate, (first, gen, deadline)
@@ -321,9 +321,7 @@ class Gateway:
         try:
             while not chunks[-1].finished:
                 chunks.append(await self._next(gen, deadline))
-        except APIError:
-            raise
-        except Exception as e:  # the replica failed or died mid-request
+        except Exception as e:  # the replica failed or died mid-request, or the deadline passed
             raise _as_api_error(e)
         return chunks
 
@@ -342,7 +340,7 @@ class Gateway:
                         body.helios = _stats(seen)
                     yield f"data: {body.model_dump_json(exclude_none=True)}\n\n"
             except Exception as e:  # noqa: BLE001 - headers are sent: the client gets an error event
-                err = e if isinstance(e, APIError) else _as_api_error(e)
+                err = _as_api_error(e)
                 yield f"data: {json.dumps(oai.error_body(err.message, err.param, code=err.code))}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(events(), media_type="text/event-stream")

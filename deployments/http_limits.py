@@ -12,6 +12,8 @@ import os
 from fastapi import HTTPException
 from pydantic import BaseModel, ConfigDict, Field
 
+from deployments.openai_schema import error_body
+
 
 class GatewayConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")  # a typo in a cluster YAML is an error, not a silent default
@@ -53,7 +55,7 @@ class BodyLimit:
 
     async def __call__(self, scope, receive, send):
         limit = self.limit()
-        if scope["type"] != "http" or limit is None:
+        if scope["type"] != "http":
             return await self.app(scope, receive, send)
         declared = dict(scope.get("headers", ())).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
@@ -72,8 +74,7 @@ class BodyLimit:
 
 
 async def _reply_413(send, limit: int) -> None:
-    body = json.dumps({"error": {"message": f"request body exceeds {limit} bytes", "type": "invalid_request_error",
-                                 "param": "body", "code": "request_too_large"}}).encode()
+    body = json.dumps(error_body(f"request body exceeds {limit} bytes", "body", code="request_too_large")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
     await send({"type": "http.response.body", "body": body})

@@ -99,6 +99,7 @@ class ModelServer:
         self._queues: dict[str, asyncio.Queue] = {}
         self._wake: asyncio.Event | None = None
         self._loop_task: asyncio.Task | None = None
+        self._flush_task: asyncio.Task | None = None
         self._served = 0
 
     # ---- requests ----------------------------------------------------------------------------
@@ -189,8 +190,9 @@ class ModelServer:
         except Exception as e:  # noqa: BLE001 - no Redis: serve at the configured depth
             log.warning("%s: could not read the controller's depth (%s); serving the configured depth", self.name, e)
             return
-        if saved is not None and 1 <= int(saved) <= self.engine.num_layers and int(saved) != self.engine.depth:
-            self.engine.load_layers(int(saved))
+        depth = int(saved) if saved is not None else self.engine.depth
+        if 1 <= depth <= self.engine.num_layers and depth != self.engine.depth:
+            self.engine.load_layers(depth)
 
     def _thresholds(self) -> dict[int, float]:
         return self.engine.exits.thresholds() if self.engine.exits is not None else {}
@@ -198,7 +200,8 @@ class ModelServer:
     def stats(self) -> dict:
         mem = self.engine.memory_bytes()
         exits = self.engine.exits
-        return {"candidate": self.name, "node_id": ray.get_runtime_context().get_node_id(), "depth": self.engine.depth, "num_layers": self.engine.num_layers,
+        return {"candidate": self.name, "node_id": ray.get_runtime_context().get_node_id(),
+                "depth": self.engine.depth, "num_layers": self.engine.num_layers,
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
                 "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
@@ -228,7 +231,9 @@ class ModelServer:
     def _start(self) -> None:
         if self._loop_task is None:
             self._wake = asyncio.Event()
-            self._loop_task = asyncio.get_running_loop().create_task(self._run())
+            loop = asyncio.get_running_loop()
+            self._loop_task = loop.create_task(self._run())
+            self._flush_task = loop.create_task(self._flush())
 
     def _observe_latency(self, rid: str, now: float) -> None:
         timing = self._timing.get(rid)
@@ -261,10 +266,7 @@ class ModelServer:
 
     async def _run(self) -> None:
         loop = asyncio.get_running_loop()
-        flushing = None
         while True:
-            if flushing is None or flushing.done():  # on its own thread: a hung Redis delays no token
-                flushing = loop.run_in_executor(self._flush_pool, self._flush_when_due)
             try:
                 out = await loop.run_in_executor(self._pool, self._step)
             except Exception:  # noqa: BLE001 - an operation between steps failed; the loop goes on
@@ -280,9 +282,12 @@ class ModelServer:
                 continue
             self._deliver(out)
 
-    def _flush_when_due(self) -> None:
-        time.sleep(self.flush_every)
-        self.writer.flush()  # a failed flush keeps its data for the next one
+    async def _flush(self) -> None:
+        """Telemetry on its own thread: a hung Redis delays no token."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.flush_every)
+            await loop.run_in_executor(self._flush_pool, self.writer.flush)  # a failed flush keeps its data
 
     def _deliver(self, out) -> None:
         by_request: dict[str, list] = collections.defaultdict(list)

@@ -9,14 +9,13 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from typing_extensions import Annotated
 
 from engine import SamplingParams
+from engine.config import unicode_problem
 
 
 def _unicode(v: str) -> str:
-    """JSON may spell a lone surrogate (\\ud800), which no tokenizer can encode: refuse it here."""
-    try:
-        v.encode("utf-8")
-    except UnicodeEncodeError as e:
-        raise ValueError(f"not valid Unicode text ({e.reason} at character {e.start})") from None
+    problem = unicode_problem(v)
+    if problem:
+        raise ValueError(problem)
     return v
 
 
@@ -32,7 +31,7 @@ class _Sampling(BaseModel):
     temperature: float = Field(1.0, ge=0.0, le=2.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
     stop: Text | list[Text] | None = None
-    seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1)
+    seed: int | None = None  # bounded by SamplingParams, which every request becomes
     logprobs: int | bool | None = Field(None, description="Not supported: refused unless null or false.")
     echo: bool = Field(False, description="Not supported: refused unless false.")
     top_logprobs: int | None = Field(None, description="Not supported: refused unless null.")

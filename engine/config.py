@@ -16,6 +16,15 @@ def helios_home() -> Path:
 MIN_TEMPERATURE = 1e-2
 
 
+def unicode_problem(text: str) -> str | None:
+    """Why `text` cannot be encoded (JSON may spell a lone surrogate, which no tokenizer takes), or None."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"not valid Unicode text ({e.reason} at character {e.start})"
+    return None
+
+
 class SamplingParams(BaseModel):
     """Per-request decoding settings; the same names OpenAI and vLLM use."""
 

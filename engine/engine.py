@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from engine import deferred
-from engine.config import EngineConfig, SamplingParams
+from engine.config import EngineConfig, SamplingParams, unicode_problem
 from engine.exits import ExitBank
 from engine.model import EEModel
 from engine.rebatch import RebatchPlanner, measure_cost
@@ -126,10 +126,9 @@ class LLMEngine:
         if len(prompt) > self.max_prompt_chars:
             raise RequestError("prompt", f"prompt has {len(prompt)} characters; no prompt over "
                                f"{self.max_prompt_chars} fits the context limit of {self.config.max_model_len} tokens")
-        try:
-            prompt.encode("utf-8")
-        except UnicodeEncodeError as e:
-            raise RequestError("prompt", f"prompt is not valid Unicode text: {e.reason} at character {e.start}")
+        problem = unicode_problem(prompt)
+        if problem:
+            raise RequestError("prompt", f"prompt is {problem}")
 
     def abort(self, request_id: str) -> bool:
         return self.scheduler.abort(request_id)
