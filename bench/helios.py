@@ -54,10 +54,9 @@ def _router(system: str, base: EngineConfig, args):
 
 
 def _batch_in_budget(engine: LLMEngine, budget: int) -> int:
-    """Sequences of this engine's context length that fit in `budget` bytes beside its weights."""
-    mem = engine.memory_bytes()
-    per_seq = mem["kv_cache"] / engine.config.max_batch_size
-    return max(0, int((budget - mem["base"] - mem["layers"]) // per_seq))
+    """Sequences of this engine's context length that fit in `budget` bytes beside its weights: what
+    the engine sizes its cache to under that `memory_budget` (`bench/capacity.py` runs it)."""
+    return engine.memory.capacity(engine.depth, budget, cap=1 << 20)
 
 
 def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
@@ -203,8 +202,9 @@ def write_results(args, rows, traces, name) -> Path:
              f"Workload: {args.prompts} requests per workload, {args.new_tokens} new tokens each (ignore_eos), "
              f"{' and '.join(map(str, args.batch))} concurrent clients (`batch`), greedy decoding. `agreement` (position-wise) and ROUGE-L are "
              "against the engine's full-depth output; `token_agreement` is the share of generated tokens "
-             "that the full-depth model also picks given the same prefix. `batch_in_budget`: sequences that fit beside the "
-             "weights in the memory the full-depth engine uses for its weights plus its KV cache."
+             "that the full-depth model also picks given the same prefix. `batch_in_budget`: sequences an engine at that "
+             "depth holds under a `memory_budget` of what the full-depth engine uses for its weights plus its KV "
+             "cache (measured by `python -m bench.capacity`)."
              + (" llama.cpp serves the requests one after another (its Python binding runs one sequence); "
                 "its `mem_MiB` is the GGUF file it maps." if any(r["system"] == LLAMA_CPP for r in rows) else ""),
              ""]

@@ -15,6 +15,8 @@ def deployment_name(candidate: str) -> str:
 
 def _actor_options(c) -> dict:
     options = {"num_cpus": 0, "num_gpus": c.num_gpus}
+    if c.worker_niceness is not None:  # Ray starts workers at nice 15; a replica that decodes is the work
+        options["runtime_env"] = {"env_vars": {"RAY_worker_niceness": str(c.worker_niceness)}}
     if c.node_labels:  # preferred nodes, then any node: a candidate outlives the loss of its nodes
         options.update(label_selector=c.node_labels, fallback_strategy=[{"label_selector": {}}])
     return options

@@ -79,8 +79,9 @@ class HeliosController:
         return {"current": self.current, "pinned": self.pinned, "profiling": self.schedule.profiling,
                 "restored": self.restored, "breaches_in_window": self.breaches.count,
                 "breach_limit": [self.cfg.breach_max, self.cfg.breach_window],
-                "profiles": {n: {"depth": p.depth, "tokens_per_s": p.tokens_per_s, "agreement": p.agreement,
-                                 "greedy_rate": p.greedy_rate} for n, p in self.profiles.items()},
+                "profiles": {n: {"depth": p.depth, "capacity": p.max_batch(), "tokens_per_s": p.tokens_per_s,
+                                 "agreement": p.agreement, "greedy_rate": p.greedy_rate}
+                             for n, p in self.profiles.items()},
                 "thresholds": {n: t.thresholds for n, t in self.tuners.items()}}
 
     def decisions(self, count: int = 50) -> list[dict]:

@@ -8,8 +8,9 @@ from __future__ import annotations
 import enum
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
+from engine.memory import MemoryModel
 from engine.thresholds import depth_for_share
 
 
@@ -31,9 +32,9 @@ class CandidateProfile:
     tokens_per_s: float = 0.0  # measured while busy
     step_ms: float = 0.0  # mean decode step latency (TPOT proxy)
     greedy_rate: float = 0.0  # share of tokens that left unconfident at the last loaded layer
-    layer_bytes: int = 0  # weights per decoder layer
-    base_bytes: int = 0  # embeddings, norm, head
-    kv_bytes_per_token_layer: int = 0  # one token's K and V in one layer
+    memory: MemoryModel | None = None  # the replica's bytes by depth (None: capacity is `batch_cap` at any depth)
+    budget: int | None = None  # the replica's memory budget for weights plus KV
+    batch_cap: int = 1  # its max_batch_size: the most sequences whatever the budget
     mean_exit_layer: float = 0.0
     exit_hist: dict[int, int] = field(default_factory=dict)  # calibration's exit layer -> tokens
 
@@ -45,36 +46,36 @@ class CandidateProfile:
         cal = calibration or {}
         return cls(name=name, num_layers=num_layers, depth=depth,
                    agreement=cal.get("agreement", 1.0 if depth == num_layers else 0.0),
-                   layer_bytes=memory["per_layer"], base_bytes=memory["base"],
+                   memory=MemoryModel(**memory["model"]), budget=memory.get("budget"),
+                   batch_cap=memory["cap"],
                    exit_hist={int(k): v for k, v in cal.get("exit_share_by_layer", {}).items()})
 
-    def max_batch(self, memory_budget: int, context: int) -> int:
-        """Sequences of `context` tokens that fit beside the weights at the loaded depth."""
-        free = memory_budget - self.base_bytes - self.depth * self.layer_bytes
-        per_seq = max(1, context * self.depth * self.kv_bytes_per_token_layer)
-        return max(0, free // per_seq)
+    def max_batch(self) -> int:
+        """Sequences the replica holds at this profile's depth: what its engine would size its cache to."""
+        if self.memory is None:
+            return self.batch_cap
+        return self.memory.capacity(self.depth, self.budget, self.batch_cap)
 
     def energy_per_token(self) -> float:
         """Proxy: layers computed per token (energy follows compute on a busy accelerator)."""
         return self.mean_exit_layer or float(self.depth)
 
 
-def score(p: CandidateProfile, objective: Objective, memory_budget: int, context: int) -> float:
+def score(p: CandidateProfile, objective: Objective) -> float:
     """Higher is better for every objective."""
     if objective is Objective.MAX_THROUGHPUT:
         return p.tokens_per_s
     if objective is Objective.MIN_LATENCY:
         return -p.step_ms if p.step_ms else -math.inf
     if objective is Objective.MAX_BATCH:
-        return float(p.max_batch(memory_budget, context))
+        return float(p.max_batch())
     return -p.energy_per_token()
 
 
-def select(profiles: list[CandidateProfile], objective: Objective, quality_floor: float,
-           memory_budget: int = 8 << 30, context: int = 1024) -> CandidateProfile | None:
+def select(profiles: list[CandidateProfile], objective: Objective, quality_floor: float) -> CandidateProfile | None:
     """The best candidate by the objective among those meeting the quality floor."""
     eligible = [p for p in profiles if p.agreement >= quality_floor]
-    return max(eligible, key=lambda p: score(p, objective, memory_budget, context), default=None)
+    return max(eligible, key=lambda p: score(p, objective), default=None)
 
 
 def greedy_depth(exit_hist: dict[int, int], share: float, num_layers: int) -> int:
@@ -134,7 +135,7 @@ class Decision:
 
 
 def on_breach(current: CandidateProfile, others: list[CandidateProfile], objective: Objective,
-              quality_floor: float, memory_budget: int = 8 << 30, context: int = 1024) -> Decision:
+              quality_floor: float) -> Decision:
     """Load deeper or switch, whichever is predicted to serve the objective better.
 
     Deeper: compute per token grows with depth, so throughput is predicted to fall by
@@ -147,17 +148,15 @@ def on_breach(current: CandidateProfile, others: list[CandidateProfile], objecti
     deeper = None
     if new_depth > current.depth:
         ratio = current.depth / new_depth
-        deeper = CandidateProfile(**{**asdict(current), "depth": new_depth,
-                                     "tokens_per_s": current.tokens_per_s * ratio,
-                                     "step_ms": current.step_ms / ratio,
-                                     "mean_exit_layer": current.mean_exit_layer / ratio})
+        deeper = replace(current, depth=new_depth, tokens_per_s=current.tokens_per_s * ratio,
+                         step_ms=current.step_ms / ratio, mean_exit_layer=current.mean_exit_layer / ratio)
     options = [p for p in others if p.name != current.name and p.agreement >= quality_floor]
-    best_other = max(options, key=lambda p: score(p, objective, memory_budget, context), default=None)
+    best_other = max(options, key=lambda p: score(p, objective), default=None)
     if deeper is None and best_other is None:
         return Decision(Action.HOLD, current.name, current.depth, "breaching at full depth with no eligible candidate",
                         evidence)
-    s_deeper = score(deeper, objective, memory_budget, context) if deeper else -math.inf
-    s_other = score(best_other, objective, memory_budget, context) if best_other else -math.inf
+    s_deeper = score(deeper, objective) if deeper else -math.inf
+    s_other = score(best_other, objective) if best_other else -math.inf
     evidence.update({"predicted_deeper": s_deeper, "predicted_switch": s_other,
                      "switch_to": best_other.name if best_other else None})
     if s_deeper >= s_other:

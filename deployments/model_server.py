@@ -10,11 +10,13 @@ import asyncio
 import collections
 import concurrent.futures
 import logging
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
 
 import ray
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
@@ -45,6 +47,9 @@ class CandidateConfig(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPUs per replica (a fraction lets candidates share one).")
     node_labels: dict[str, str] = Field(default_factory=dict, description="Ray node labels this candidate's "
                                         "replicas prefer; while no such node is alive they run on any node.")
+    worker_niceness: int | None = Field(0, ge=0, le=19, description="Scheduling niceness of the replica's "
+                                        "process; None keeps Ray's worker default (15), which yields the CPU "
+                                        "to every other process on the node.")
     shadow_rate: float = Field(0.02, ge=0, le=1, description="Share of early and greedy exits re-checked at "
                                                              "full depth off the critical path (greedy and sampled requests).")
 
@@ -205,7 +210,8 @@ class ModelServer:
                 "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
                 "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
-                "calibration": exits.meta if exits else None, "thresholds": self._thresholds()}
+                "calibration": exits.meta if exits else None, "thresholds": self._thresholds(),
+                "threads": torch.get_num_threads(), "niceness": os.nice(0)}
 
     def check_health(self) -> None:
         if self._loop_task is not None and self._loop_task.done() and self._loop_task.exception():

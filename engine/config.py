@@ -16,6 +16,18 @@ def helios_home() -> Path:
 MIN_TEMPERATURE = 1e-2
 
 
+def usable_cpus() -> int:
+    """CPUs this process may run on, within a cgroup v2 CPU quota (a Kubernetes CPU limit) if any."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            n = min(n, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass
+    return n
+
+
 def unicode_problem(text: str) -> str | None:
     """Why `text` cannot be encoded (JSON may spell a lone surrogate, which no tokenizer takes), or None."""
     try:
@@ -78,10 +90,21 @@ class EngineConfig(BaseModel):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="'auto' is float32 on CPU and bfloat16 on CUDA."
     )
-    max_batch_size: int = Field(8, ge=1, le=512, description="Concurrent sequences (KV cache slots).")
+    threads: int | None = Field(None, ge=1, description="CPU threads for torch's kernels; None: every CPU this "
+                                "process may run on (a Ray worker otherwise inherits OMP_NUM_THREADS=1).")
+    max_batch_size: int = Field(8, ge=1, le=512, description="Concurrent sequences (KV cache slots); under a "
+                                "`memory_budget`, the most the budget may give.")
+    memory_budget: float | None = Field(
+        None, gt=0, description="Bytes for weights plus KV cache (up to 1.0: that share of the device's memory, "
+        "physical RAM on CPU). The cache then holds as many sequences of max_model_len as fit beside the "
+        "loaded layers, and follows the depth: fewer layers, more sequences. None: max_batch_size.")
     max_model_len: int = Field(1024, ge=16, description="Prompt plus generated tokens per sequence.")
     home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
 
     @property
     def cache_home(self) -> Path:
         return self.home or helios_home()
+
+    @property
+    def cpu_threads(self) -> int:
+        return self.threads or usable_cpus()

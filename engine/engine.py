@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from tqdm.auto import tqdm
 from engine import deferred
 from engine.config import EngineConfig, SamplingParams, unicode_problem
 from engine.exits import ExitBank
+from engine.memory import MemoryModel, budget_bytes
 from engine.model import EEModel
 from engine.rebatch import RebatchPlanner, measure_cost
 from engine.runner import extend_stack, run_stack
@@ -26,6 +28,13 @@ from engine.store import CheckpointError, LayerStore, ensure_converted
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _device_memory(device: torch.device) -> int:
+    """Total memory of the device a budget share refers to: the GPU's, or physical RAM."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class RequestError(ValueError):
@@ -49,6 +58,7 @@ class EngineStats:
     involuntary_exits: int = 0  # rows forced out before they were confident: 0 under `rebatch`
     splits: int = 0
     splits_skipped: int = 0
+    preempted: int = 0  # sequences sent back to waiting when a deeper stack left room for fewer
 
 
 @dataclass(slots=True)
@@ -67,12 +77,21 @@ class LLMEngine:
             raise CheckpointError("device 'cuda' requested but no CUDA device is available")
         dtype = config.dtype if config.dtype != "auto" else ("bfloat16" if config.device.startswith("cuda") else "float32")
         self.dtype = _DTYPES[dtype]
+        # a decode step on CPU is bound by reading weights, which one thread cannot saturate; Ray
+        # starts actors without CPUs of their own at OMP_NUM_THREADS=1, so the count is set here
+        if torch.get_num_threads() != config.cpu_threads:
+            torch.set_num_threads(config.cpu_threads)
         self.store = LayerStore(ensure_converted(config.model, config.cache_home))
         self.name = self.store.root.name
         self.tokenizer = self.store.tokenizer()
         self.eos_ids = self.store.eos_token_ids(self.tokenizer)
         self.model = EEModel(self.store, config.depth or self.store.num_layers, config.device, self.dtype)
-        self.model.allocate_cache(config.max_batch_size, config.max_model_len)
+        kv = self.model.allocate_cache(1, config.max_model_len)
+        w = self.model.weight_bytes()
+        self.memory = MemoryModel(w["base"], w["per_layer"], kv.slot_bytes_per_layer(), kv.slot_bytes_fixed(),
+                                  self.store.num_layers)
+        self.budget = budget_bytes(config.memory_budget, _device_memory(self.model.device))
+        kv.set_slots(self._capacity_at(self.depth), [])
         self.exits = ExitBank.find(self.store, self.model.hidden_size) if config.exits else None
         if self.exits is not None:
             self.exits.to(self.model.device, self.dtype)
@@ -80,12 +99,12 @@ class LLMEngine:
                 self.exits.set_thresholds(config.thresholds)
         # the split decision needs this device's layer costs; measured before any request owns a slot.
         # With one slot, or no exits, there is never a batch to split.
-        splits = config.exit_policy == "rebatch" and self.exits is not None and config.max_batch_size > 1
+        splits = config.exit_policy == "rebatch" and self.exits is not None and kv.num_slots > 1
         self._defers = config.kv_fill == "deferred" and self.exits is not None
-        self.planner = (RebatchPlanner(measure_cost(self.model, config.max_batch_size), deferred=self._defers)
+        self.planner = (RebatchPlanner(measure_cost(self.model, kv.num_slots), deferred=self._defers)
                         if splits else None)
         self.stats = EngineStats()
-        self.scheduler = Scheduler(config.max_batch_size, self.eos_ids, config.max_model_len, self._detokenize)
+        self.scheduler = Scheduler(kv.num_slots, self.eos_ids, config.max_model_len, self._detokenize)
         self._ids = itertools.count()
         # no token spells more characters than the longest vocabulary entry, so a text longer than
         # this cannot fit the context: it is refused before any tokenising work
@@ -100,6 +119,19 @@ class LLMEngine:
     @property
     def num_layers(self) -> int:
         return self.store.num_layers
+
+    @property
+    def capacity(self) -> int:
+        """Sequences the engine holds at once now: what fits the memory budget at the loaded depth."""
+        return self.model.kv.num_slots
+
+    def _capacity_at(self, depth: int) -> int:
+        n = self.memory.capacity(depth, self.budget, self.config.max_batch_size)
+        if n < 1:
+            raise CheckpointError(f"memory_budget of {self.budget} bytes holds {depth} layers' weights "
+                                  f"({self.memory.weights(depth)} bytes) but not one sequence of "
+                                  f"max_model_len={self.config.max_model_len} ({self.memory.per_sequence(depth)} bytes)")
+        return n
 
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
                     request_id: str | None = None) -> str:
@@ -151,11 +183,12 @@ class LLMEngine:
     def _step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
         dev = self.model.device
         slots = torch.tensor([s.slot for s in seqs], device=dev)
-        if is_prefill:
-            t = max(len(s.prompt_ids) for s in seqs)
-            ids = torch.tensor([s.prompt_ids + [0] * (t - len(s.prompt_ids)) for s in seqs], device=dev)
+        if is_prefill:  # a preempted sequence resumes by recomputing its prompt and output so far
+            tokens = [s.prompt_ids + s.output_ids for s in seqs]
+            t = max(map(len, tokens))
+            ids = torch.tensor([x + [0] * (t - len(x)) for x in tokens], device=dev)
             positions = torch.arange(t, device=dev).expand(len(seqs), t)
-            last_idx = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=dev)
+            last_idx = torch.tensor([len(x) - 1 for x in tokens], device=dev)
         else:
             ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)
             positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev)
@@ -187,10 +220,10 @@ class LLMEngine:
     @torch.inference_mode()
     def next_token_logits(self, prefixes: list[list[int]]) -> torch.Tensor:
         """[n, vocab] logits after each prefix at the loaded depth, exits off: one prefill per
-        `max_batch_size` prefixes in the cache's first slots, on an engine with nothing in flight."""
+        `capacity` prefixes in the cache's first slots, on an engine with nothing in flight."""
         if self.has_unfinished():
             raise RuntimeError("next_token_logits needs an idle engine: its prefill uses the cache slots")
-        out, dev, n = [], self.model.device, self.config.max_batch_size
+        out, dev, n = [], self.model.device, self.capacity
         for start in range(0, len(prefixes), n):
             batch = prefixes[start:start + n]
             t = max(map(len, batch))
@@ -210,10 +243,14 @@ class LLMEngine:
         self._defers = self.config.kv_fill == "deferred" and self.exits is not None
 
     def load_layers(self, depth: int) -> None:
-        """Grow or shrink the resident depth between steps; in-flight requests keep going."""
+        """Grow or shrink the resident depth between steps; in-flight requests keep going. Under a
+        memory budget the capacity follows: shrinking frees room for more sequences; growing first
+        sends the sequences that no longer fit back to the waiting queue (they resume by recompute)."""
         if not 1 <= depth <= self.num_layers:
             raise CheckpointError(f"depth {depth} outside 1..{self.num_layers}")
-        old = self.depth
+        old, capacity = self.depth, self._capacity_at(depth)
+        if capacity < self.capacity:  # before the new layers take the memory
+            self._set_capacity(capacity)
         running = [s for s in self.scheduler.running if s.num_cached > 0]
         if depth > old and running and self._defers:  # new layers start from every token at the old top
             deferred.flush(self.model, [s.slot for s in running], [s.num_cached for s in running])
@@ -221,6 +258,13 @@ class LLMEngine:
         if depth > old and running:
             slots = torch.tensor([s.slot for s in running], device=self.model.device)
             extend_stack(self.model, old, slots, [s.num_cached for s in running])
+        if capacity > self.capacity:  # after the dropped layers freed theirs
+            self._set_capacity(capacity)
+
+    def _set_capacity(self, n: int) -> None:
+        keep = self.scheduler.set_capacity(n)
+        self.model.kv.set_slots(n, keep)
+        self.stats.preempted = self.scheduler.preempted
 
     def generate(self, prompts: list[str | list[int]], params: SamplingParams | list[SamplingParams] | None = None,
                  progress: bool = False) -> list[GenerationResult]:
@@ -243,7 +287,10 @@ class LLMEngine:
 
     def memory_bytes(self) -> dict[str, int]:
         w = self.model.weight_bytes()
-        return {**w, "kv_cache": self.model.kv.nbytes(), "total": w["base"] + w["layers"] + self.model.kv.nbytes()}
+        plan = self.memory.plan(self.depth, self.budget, self.config.max_batch_size)
+        return {**w, "kv_cache": self.model.kv.nbytes(), "total": w["base"] + w["layers"] + self.model.kv.nbytes(),
+                "budget": self.budget, "per_sequence": plan.per_sequence, "capacity": self.capacity, "cap": plan.cap,
+                "model": self.memory.to_dict()}
 
     def _detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -35,6 +35,34 @@ class KVCache:
             self.v.append(torch.zeros(self.shape, device=self.device, dtype=self.dtype))
         del self.k[num_layers:], self.v[num_layers:]
 
+    def set_slots(self, num_slots: int, keep: list[int]) -> None:
+        """Hold `num_slots` sequences; slot keep[j]'s contents move to slot j. One layer at a time, so
+        the change needs one layer's worth of extra memory. Depth changes are rare: the copy is paid
+        here, once, and slots stay one tensor each, read as views when they form a run."""
+        if len(keep) > num_slots:
+            raise ValueError(f"{len(keep)} slots to keep do not fit in {num_slots}")
+        src = torch.tensor(keep, dtype=torch.long, device=self.device)
+        n = len(keep)
+
+        def moved(t: torch.Tensor) -> torch.Tensor:
+            out = torch.zeros((num_slots, *t.shape[1:]), device=self.device, dtype=t.dtype)
+            out[:n] = t.index_select(0, src)
+            return out
+
+        for i in range(len(self.k)):
+            self.k[i], self.v[i] = moved(self.k[i]), moved(self.v[i])
+        self.top_hidden, self.level = moved(self.top_hidden), moved(self.level)
+        self.num_slots, self.shape = num_slots, (num_slots, *self.shape[1:])
+
+    def slot_bytes_per_layer(self) -> int:
+        """K and V of one slot in one layer."""
+        return 2 * self.shape[1] * self.shape[2] * self.shape[3] * torch.finfo(self.dtype).bits // 8
+
+    def slot_bytes_fixed(self) -> int:
+        """What one slot holds at any depth: each position's top hidden state and level."""
+        return (self.top_hidden[0].numel() * self.top_hidden.element_size()
+                + self.level[0].numel() * self.level.element_size())
+
     def nbytes(self) -> int:
         per = self.k[0].numel() * self.k[0].element_size() if self.k else 0
         return (2 * per * len(self.k) + self.top_hidden.numel() * self.top_hidden.element_size()

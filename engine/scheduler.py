@@ -10,8 +10,28 @@ class Scheduler:
     def __init__(self, num_slots: int, eos_ids: list[int], max_model_len: int, decode):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.eos_ids, self.max_model_len, self.decode = set(eos_ids), max_model_len, decode
+        self.preempted = 0  # sequences sent back to waiting because the cache shrank
+
+    def set_capacity(self, num_slots: int) -> list[int]:
+        """Hold `num_slots` sequences from now on. When fewer fit than run, the latest admitted go
+        back to the front of the waiting queue (their KV is recomputed when they resume: nothing is
+        lost or failed). Running sequences are renumbered into slots 0..; returns each one's old
+        slot in new-slot order, for the cache to move them."""
+        while len(self.running) > num_slots:
+            seq = self.running.pop()
+            seq.slot, seq.status = -1, Status.WAITING
+            self.waiting.appendleft(seq)
+            self.preempted += 1
+        self.running.sort(key=lambda s: s.slot)
+        keep = [s.slot for s in self.running]
+        for new, seq in enumerate(self.running):
+            seq.slot = new
+        self.num_slots = num_slots
+        self.free_slots = list(range(num_slots - 1, len(keep) - 1, -1))
+        return keep
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -20,7 +40,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def schedule(self) -> tuple[list[Sequence], bool]:
-        """Newly admitted requests are prefilled first; otherwise every running one decodes."""
+        """Newly admitted requests are prefilled first (a preempted one over all its tokens so far);
+        otherwise every running one decodes."""
         admitted = []
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()

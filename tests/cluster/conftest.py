@@ -38,6 +38,9 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
     ref, _ = smollm2_calibrated
     home = str(ref.home)
     base_home = str(without_chat_template(ref.home, tmp_path_factory.mktemp("base_home")))
+    from engine import EngineConfig, LLMEngine
+
+    memory = LLMEngine(EngineConfig(model="smollm2", exits=False, home=home, max_batch_size=1)).memory
     cfg = ClusterConfig.model_validate({
         "port": 8931,
         "metrics_port": free_port(),
@@ -48,7 +51,10 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
             # and it admits 2 requests with 2 queued, so a burst meets back-pressure
             {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": base_home},
              "shadow_rate": 1.0, "max_ongoing_requests": 2, "max_queued_requests": 2},
-            {"name": "smollm2", "engine": {"model": "smollm2", "home": home}, "shadow_rate": 1.0},
+            # a memory budget of 8 full-depth sequences: a shallower stack holds more (up to 16)
+            {"name": "smollm2", "engine": {"model": "smollm2", "home": home, "max_batch_size": 16,
+                                           "memory_budget": memory.weights(30) + 8 * memory.per_sequence(30)},
+             "shadow_rate": 1.0},
         ],
         "controller": {"quality_floor": 0.0, "breach_window": 30, "breach_max": 10, "profile_sample": 1,
                        "tick_s": 0.5, "thresholds": {"min_checks": 8}},

@@ -9,6 +9,7 @@ import urllib.request
 import pytest
 import ray
 
+from engine.config import usable_cpus
 from telemetry.dashboards import dashboard
 from telemetry.metrics import EXPORTED, METRICS
 from tests.cluster.conftest import ADMIN_KEY, FULL
@@ -81,6 +82,24 @@ def test_admin_api_refuses_without_the_key_and_names_bad_fields(cluster):
     assert ray.get(cluster.controller.decisions.remote(1))[0]["action"] == "reprofile"
 
 
+def test_a_shallower_stack_holds_more_sequences_and_the_state_says_so(cluster):
+    from ray import serve
+
+    server = serve.get_deployment_handle("model-smollm2", cluster.config.app_name)
+    before = server.stats.remote().result()
+    # Ray starts a worker without CPUs of its own at one thread and nice 15; a decoding replica is the work
+    assert before["threads"] == usable_cpus() and before["niceness"] == 0
+    depth, capacity = before["depth"], before["memory"]["capacity"]
+    assert before["memory"]["total"] <= before["memory"]["budget"]
+    for to, grows in ((depth - 10, True), (depth, False)):
+        status, state = _request(f"{cluster.url}/admin/depth", {"candidate": "smollm2", "depth": to}, ADMIN_KEY)
+        assert status == 200, state
+        mem = server.stats.remote().result()["memory"]
+        assert (mem["capacity"] > capacity) if grows else (mem["capacity"] == capacity)
+        assert state["profiles"]["smollm2"]["capacity"] == mem["capacity"]  # the controller's arithmetic is the engine's
+        assert mem["total"] <= mem["budget"]
+
+
 def test_controller_tunes_exit_thresholds_from_live_agreement(cluster, client):
     """Thresholds far too low for chat: sampled chat traffic makes tokens leave early and often
     disagree; the shadow verifier's per-layer counts make the controller raise those layers."""
@@ -148,6 +167,7 @@ def test_operator_page_shows_live_state_and_pins_a_candidate(cluster, client, tm
         for name, card in cards.items():
             depth = int(card.find_element(By.CSS_SELECTOR, ".depth").text)
             assert depth == state["profiles"][name]["depth"]
+            assert int(card.find_element(By.CSS_SELECTOR, ".capacity").text) == state["profiles"][name]["capacity"]
             bars = card.find_elements(By.CSS_SELECTOR, "svg.exit-hist rect")
             assert len(bars) >= depth
         served = sum(int(b.get_attribute("data-count")) for b in

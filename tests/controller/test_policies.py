@@ -3,11 +3,15 @@ import pytest
 
 from controller.policies import (BreachCounter, CandidateProfile, Objective, ProfilingSchedule, greedy_depth,
                                  on_breach, select)
+from engine.memory import MemoryModel
+
+SMOL = MemoryModel(base_bytes=110 << 20, layer_bytes=14 << 20, kv_layer_bytes=1536 << 10, sequence_bytes=2 << 20,
+                   num_layers=30)
 
 
 def _p(name, **kw):
-    base = dict(num_layers=30, depth=24, agreement=0.96, tokens_per_s=100.0, step_ms=50.0, layer_bytes=14 << 20,
-                base_bytes=110 << 20, kv_bytes_per_token_layer=1536, mean_exit_layer=20.0)
+    base = dict(num_layers=30, depth=24, agreement=0.96, tokens_per_s=100.0, step_ms=50.0, memory=SMOL,
+                budget=1 << 30, batch_cap=256, mean_exit_layer=20.0)
     return CandidateProfile(name, **{**base, **kw})
 
 
@@ -18,14 +22,16 @@ def test_select_respects_objective_and_quality_floor():
     assert select([a, b, bad], Objective.MAX_THROUGHPUT, 0.9).name == "a"
     assert select([a, b, bad], Objective.MIN_LATENCY, 0.9).name == "b"
     assert select([a, b, bad], Objective.MIN_ENERGY, 0.9).name == "b"
-    assert select([a, b, bad], Objective.MAX_BATCH, 0.9, memory_budget=1 << 30).name == "b"  # shallower
+    assert select([a, b, bad], Objective.MAX_BATCH, 0.9).name == "b"  # shallower: more sequences fit
     assert select([bad], Objective.MAX_THROUGHPUT, 0.9) is None
 
 
-def test_max_batch_follows_depth():
-    p = _p("a")
-    shallow = _p("a", depth=12)
-    assert shallow.max_batch(1 << 30, 1024) > p.max_batch(1 << 30, 1024) > 0
+def test_max_batch_is_what_the_replica_would_hold_at_that_depth():
+    p, shallow = _p("a"), _p("a", depth=12)
+    assert shallow.max_batch() > p.max_batch() > 0
+    assert p.max_batch() == SMOL.capacity(24, 1 << 30, 256)
+    assert _p("a", batch_cap=4).max_batch() == 4
+    assert _p("a", budget=None, batch_cap=8).max_batch() == _p("a", depth=12, budget=None, batch_cap=8).max_batch() == 8
 
 
 def test_greedy_depth_covers_share():
@@ -65,9 +71,9 @@ def test_profiling_schedule_samples_each_candidate_at_start_and_every_n():
 
 
 def test_profile_from_calibration_trusts_an_uncalibrated_candidate_only_at_full_depth():
-    mem = {"per_layer": 100, "base": 1000}
+    mem = {"model": SMOL.to_dict(), "budget": 1 << 30, "cap": 64, "capacity": 20}
     cal = {"agreement": 0.96, "exit_share_by_layer": {"8": 3, "30": 7}}
     p = CandidateProfile.from_calibration("a", 30, 24, cal, mem)
-    assert (p.agreement, p.exit_hist, p.layer_bytes, p.base_bytes) == (0.96, {8: 3, 30: 7}, 100, 1000)
+    assert (p.agreement, p.exit_hist, p.memory, p.budget, p.batch_cap) == (0.96, {8: 3, 30: 7}, SMOL, 1 << 30, 64)
     assert CandidateProfile.from_calibration("b", 30, 30, None, mem).agreement == 1.0
     assert CandidateProfile.from_calibration("c", 30, 24, None, mem).agreement == 0.0

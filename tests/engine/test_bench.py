@@ -37,3 +37,16 @@ def test_short_benchmark_writes_its_table_and_plots(smollm2_calibrated, tmp_path
     assert table.count("| HELIOS + rebatch |") == 6  # a row per workload in the table and in the ratios
     for suffix in ("exits", "frontier", "drift"):
         assert (tmp_path / f"short-{suffix}.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_capacity_benchmark_reaches_what_the_memory_model_predicts(smollm2, tmp_path):
+    from bench.capacity import main as capacity
+
+    result = capacity(["--depths", "30", "15", "--full-batch", "2", "--max-model-len", "512", "--new-tokens", "4",
+                       "--rounds", "1", "--extra", "2", "--home", str(smollm2.home), "--out", str(tmp_path),
+                       "--name", "cap"])
+    rows = {r["depth"]: r for r in result["rows"]}
+    assert rows[30]["predicted"] == 2 and rows[15]["predicted"] > 2
+    assert all(r["reached"] == r["predicted"] for r in rows.values())  # the engine runs what the model says fits
+    assert all(r["mem_MiB"] <= r["budget_MiB"] for r in rows.values())
+    assert (tmp_path / "cap.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "cap.md").read_text()
