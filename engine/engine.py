@@ -181,26 +181,7 @@ class LLMEngine:
             return StepOutput(self.scheduler.fail(seqs, f"{type(e).__name__}: {e}"), [], is_prefill)
 
     def _step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
-        dev = self.model.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        if is_prefill:  # a preempted sequence resumes by recomputing its prompt and output so far
-            tokens = [s.prompt_ids + s.output_ids for s in seqs]
-            t = max(map(len, tokens))
-            ids = torch.tensor([x + [0] * (t - len(x)) for x in tokens], device=dev)
-            positions = torch.arange(t, device=dev).expand(len(seqs), t)
-            last_idx = torch.tensor([len(x) - 1 for x in tokens], device=dev)
-        else:
-            ids = torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev)
-            positions = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev)
-            last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        h = self.model.embed_tokens(ids)
-        level = None
-        if not is_prefill and self._defers:  # each row's pending tokens ride along as extra columns
-            positions, level = deferred.pending_columns(self.model, [s.slot for s in seqs],
-                                                        [s.num_tokens - 1 for s in seqs])
-            if positions.shape[1] > 1:
-                h = torch.cat([h, self.model.kv.top_hidden[slots[:, None], positions[:, 1:]]], 1)
-        ctx = self.model.make_ctx(slots, positions, level)
+        h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(seqs)
         cfg = self.config
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
                           self.planner, cfg.batch_quorum, cfg.max_deferred)
@@ -216,6 +197,28 @@ class LLMEngine:
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
+
+    def _prefill_inputs(self, seqs: list[Sequence]):
+        """Prompts packed back to back, not padded; a preempted sequence recomputes its output so far."""
+        dev = self.model.device
+        tokens = [s.prompt_ids + s.output_ids for s in seqs]
+        lengths = [len(x) for x in tokens]
+        ids = torch.tensor([list(itertools.chain.from_iterable(tokens))], device=dev)
+        ctx = self.model.make_packed_ctx(torch.tensor([s.slot for s in seqs], device=dev), lengths)
+        return self.model.embed_tokens(ids), ctx, torch.tensor(lengths, device=dev).cumsum(0) - 1
+
+    def _decode_inputs(self, seqs: list[Sequence]):
+        """Each row's newest token; under the deferred fill its pending tokens ride along as columns."""
+        dev = self.model.device
+        slots = torch.tensor([s.slot for s in seqs], device=dev)
+        h = self.model.embed_tokens(torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev))
+        positions, level = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev), None
+        if self._defers:
+            positions, level = deferred.pending_columns(self.model, [s.slot for s in seqs],
+                                                        [s.num_tokens - 1 for s in seqs])
+            if positions.shape[1] > 1:
+                h = torch.cat([h, self.model.kv.top_hidden[slots[:, None], positions[:, 1:]]], 1)
+        return h, self.model.make_ctx(slots, positions, level), torch.zeros(len(seqs), dtype=torch.long, device=dev)
 
     @torch.inference_mode()
     def next_token_logits(self, prefixes: list[list[int]]) -> torch.Tensor:

@@ -39,6 +39,9 @@ class BatchCtx:
     # A column takes part in layer i once its level is <= i. None: every column takes part everywhere
     level: torch.Tensor | None = None
     write_at: torch.Tensor | None = None  # [b, T] where K/V go (the cache's scratch for idle columns)
+    # prefill, packed: one row holding several prompts back to back, these their lengths (one per
+    # slot). Linear layers run over every real token at once, attention per prompt: no padding
+    packed: tuple[int, ...] | None = None
 
     def select(self, rows: torch.Tensor) -> "BatchCtx":
         rope = {t: (c[rows], s[rows]) for t, (c, s) in self.rope.items()}
@@ -151,6 +154,12 @@ class EEModel(nn.Module):
                 masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
         return BatchCtx(slots, positions, length, rope, masks, run_start(slots), level)
 
+    def make_packed_ctx(self, slots: torch.Tensor, lengths: list[int]) -> BatchCtx:
+        """Prefill of fresh slots, the prompts concatenated into one row (`BatchCtx.packed`)."""
+        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+        ctx = self.make_ctx(slots[:1], positions)
+        return replace(ctx, slots=slots, masks={}, first_slot=None, packed=tuple(lengths))
+
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
 
@@ -172,6 +181,8 @@ class EEModel(nn.Module):
         attn = self.layers[i].self_attn
         b, t, _ = x.shape
         q, k, v = self._qkv(i, x, ctx)
+        if ctx.packed is not None:
+            return attn.o_proj(self._packed_attention(i, q, k, v, ctx).transpose(1, 2).reshape(b, t, -1))
         if ctx.write_at is not None:
             self.kv.write(i, ctx.slots, ctx.write_at, k, v, scattered=True)
         else:
@@ -180,6 +191,24 @@ class EEModel(nn.Module):
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=ctx.masks[self.layer_types[i]],
                                              scale=attn.scaling, enable_gqa=True)
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+    def _packed_attention(self, i: int, q, k, v, ctx: BatchCtx) -> torch.Tensor:
+        """Each prompt of a packed prefill attends to itself only; its K/V fill its slot from 0."""
+        attn, window = self.layers[i].self_attn, None
+        if self.layer_types[i] == "sliding_attention":
+            window = self.config.sliding_window
+        outs, start = [], 0
+        for slot, n in zip(ctx.slots.tolist(), ctx.packed):
+            qs, ks, vs = (x[:, :, start:start + n] for x in (q, k, v))
+            self.kv.k[i][slot, :, :n], self.kv.v[i][slot, :, :n] = ks[0], vs[0]
+            mask = None
+            if window is not None and n > window:
+                pos = torch.arange(n, device=self.device)
+                mask = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+            outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
+                                                       scale=attn.scaling, enable_gqa=True))
+            start += n
+        return torch.cat(outs, 2)
 
     def layer_forward(self, i: int, h: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:
         # h: [b, T, hidden]

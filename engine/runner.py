@@ -82,7 +82,7 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
               planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16) -> StackOutput:
     # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T. Decode under
     # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level
-    b, depth = h.shape[0], model.depth
+    b, depth = len(last_idx), model.depth  # rows: sequences (a packed prefill holds them in one row of h)
     columns = ctx.level is not None and h.shape[1] > 1
     # rows whose pending tokens reached the cap go to the last layer: bounds a row's columns
     anchored = deferred.pending_counts(ctx) >= max_deferred if columns else None
@@ -98,17 +98,17 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
         l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0}
     # each row's state at the previous exit layer (the embeddings before the first): the predictor
     # reads how far it moved
-    prev = h[torch.arange(b, device=h.device), last_idx]
+    prev = _lasts(h, last_idx, ctx)
 
     for i in range(depth):
         if columns:
             result.row_layers += deferred.layer_step(model, i, h, ctx)
         else:
             h = model.layer_forward(i, h, ctx)
-            result.row_layers += h.shape[0]
+            result.row_layers += len(last_idx)
         if i + 1 not in refs or i + 1 == depth:  # the last loaded layer is judged in _exit_at_depth
             continue
-        last = h[torch.arange(h.shape[0], device=h.device), last_idx]
+        last = _lasts(h, last_idx, ctx)
         point, before, prev = checks.get(i + 1), prev, last
         if point is None:
             continue
@@ -163,6 +163,13 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     return result
 
 
+def _lasts(h: torch.Tensor, last_idx: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:
+    """[rows, hidden]: each row's newest token, the one whose exit is being decided."""
+    if ctx.packed is not None:
+        return h[0, last_idx]
+    return h[torch.arange(h.shape[0], device=h.device), last_idx]
+
+
 def _leave(model: EEModel, kv_fill: KVFill, reached: int, h: torch.Tensor, ctx: BatchCtx) -> None:
     """Rows leave the stack after layer `reached`: record where their tokens stand, fill their KV."""
     if ctx.level is not None:
@@ -176,7 +183,11 @@ def _leave(model: EEModel, kv_fill: KVFill, reached: int, h: torch.Tensor, ctx: 
 
 def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows, prev) -> None:
     """Rows that reached the last loaded layer leave there: a greedy exit unless the stack is whole."""
-    if is_prefill:
+    if ctx.packed is not None:
+        for slot, piece in zip(ctx.slots.tolist(), h[0].split(list(ctx.packed))):
+            model.kv.top_hidden[slot, : len(piece)] = piece
+            model.kv.level[slot, : len(piece)] = model.depth
+    elif is_prefill:
         model.kv.top_hidden[ctx.slots, : h.shape[1]] = h
         model.kv.level[ctx.slots, : h.shape[1]] = model.depth
     else:
@@ -184,7 +195,7 @@ def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, r
     pending = live.nonzero().squeeze(1)
     if pending.numel() == 0:
         return
-    last = h[pending, last_idx[pending]]
+    last = _lasts(h, last_idx, ctx)[pending]
     idx = rows[pending].cpu()
     point = bank.points.get(model.depth) if bank and model.depth < model.num_layers_total else None
     if model.depth == model.num_layers_total:

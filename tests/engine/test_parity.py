@@ -33,3 +33,16 @@ def test_batch_mixes_prefill_and_decode_lengths(smollm2):
     results = engine.generate(PROMPTS, [SamplingParams(max_tokens=n) for n in (5, 12, 8, 16)])
     for prompt, result, n in zip(PROMPTS, results, (5, 12, 8, 16)):
         assert result.token_ids == hf_greedy(smollm2, prompt, n)[: len(result.token_ids)]
+
+
+@pytest.mark.slow
+def test_packed_prefill_keeps_gemma3s_sliding_window(gemma3):
+    """Prompts are prefilled back to back in one row, each attending to itself only; one longer than
+    Gemma-3's 512-token sliding window must see only the window in its sliding layers."""
+    long = " ".join(f"item {i}: value {i * 7 % 13}." for i in range(90))  # about 840 tokens
+    prompts = [long, "The sky is", PROMPTS[0]]
+    engine = LLMEngine(EngineConfig(model="gemma3", exits=False, max_batch_size=3, home=gemma3.home))
+    assert len(engine.tokenizer(long)["input_ids"]) > engine.model.config.sliding_window
+    results = engine.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True))
+    for prompt, result in zip(prompts, results):
+        assert result.token_ids == hf_greedy(gemma3, prompt, 4), prompt[:40]
