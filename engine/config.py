@@ -99,6 +99,9 @@ class EngineConfig(BaseModel):
         "physical RAM on CPU). The cache then holds as many sequences of max_model_len as fit beside the "
         "loaded layers, and follows the depth: fewer layers, more sequences. None: max_batch_size.")
     max_model_len: int = Field(1024, ge=16, description="Prompt plus generated tokens per sequence.")
+    max_prefill_tokens: int | None = Field(
+        512, ge=1, description="Prompt tokens per prefill step: longer prompts are prefilled in chunks, and "
+        "decode steps of the running requests go on between them. None: every admitted prompt whole.")
     home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
 
     @property

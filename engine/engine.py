@@ -23,7 +23,7 @@ from engine.rebatch import RebatchPlanner, measure_cost
 from engine.runner import extend_stack, run_stack
 from engine.sampling import sample
 from engine.scheduler import Scheduler
-from engine.sequence import ExitRecord, Sequence, StepOutput
+from engine.sequence import ExitRecord, PrefillChunk, Sequence, StepOutput
 from engine.store import CheckpointError, LayerStore, ensure_converted
 
 log = logging.getLogger(__name__)
@@ -104,7 +104,8 @@ class LLMEngine:
         self.planner = (RebatchPlanner(measure_cost(self.model, kv.num_slots), deferred=self._defers)
                         if splits else None)
         self.stats = EngineStats()
-        self.scheduler = Scheduler(kv.num_slots, self.eos_ids, config.max_model_len, self._detokenize)
+        self.scheduler = Scheduler(kv.num_slots, self.eos_ids, config.max_model_len, self._detokenize,
+                                   config.max_prefill_tokens)
         self._ids = itertools.count()
         # no token spells more characters than the longest vocabulary entry, so a text longer than
         # this cannot fit the context: it is refused before any tokenising work
@@ -171,21 +172,29 @@ class LLMEngine:
     def step(self) -> StepOutput:
         """One prefill or decode step. If it fails, only the requests it touched fail: each gets a
         finished output with finish_reason "error", their slots are freed, and the engine goes on."""
-        seqs, is_prefill = self.scheduler.schedule()
-        if not seqs:
+        work, is_prefill = self.scheduler.schedule()
+        if not work:
             return StepOutput([], [], is_prefill)
+        seqs = [c.seq for c in work] if is_prefill else work
         try:
-            return self._step(seqs, is_prefill)
+            return self._step(work, is_prefill)
         except Exception as e:  # noqa: BLE001 - any fault of one step is confined to its rows
             log.exception("engine step failed; failing its %d requests", len(seqs))
             return StepOutput(self.scheduler.fail(seqs, f"{type(e).__name__}: {e}"), [], is_prefill)
 
-    def _step(self, seqs: list[Sequence], is_prefill: bool) -> StepOutput:
-        h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(seqs)
+    def _step(self, work: list[Sequence] | list[PrefillChunk], is_prefill: bool) -> StepOutput:
+        h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
         cfg = self.config
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
                           self.planner, cfg.batch_quorum, cfg.max_deferred)
-        tokens = sample(stack.logits, seqs)
+        rows = list(range(len(work)))
+        if is_prefill:  # only a chunk that ends its prompt yields a token
+            for c in work:
+                c.seq.prefilled += c.length
+            rows = [r for r, c in enumerate(work) if c.completes]
+            stack.exits = [stack.exits[r] for r in rows]
+        seqs = [work[r].seq for r in rows] if is_prefill else work
+        tokens = sample(stack.logits[rows] if is_prefill else stack.logits, seqs) if seqs else []
         records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth,
                               e.involuntary) for s, e in zip(seqs, stack.exits)]
         outputs = self.scheduler.postprocess(seqs, tokens)
@@ -198,14 +207,15 @@ class LLMEngine:
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
 
-    def _prefill_inputs(self, seqs: list[Sequence]):
-        """Prompts packed back to back, not padded; a preempted sequence recomputes its output so far."""
+    def _prefill_inputs(self, chunks: list[PrefillChunk]):
+        """Prompt chunks packed back to back, not padded; a preempted sequence recomputes its output so far."""
         dev = self.model.device
-        tokens = [s.prompt_ids + s.output_ids for s in seqs]
-        lengths = [len(x) for x in tokens]
-        ids = torch.tensor([list(itertools.chain.from_iterable(tokens))], device=dev)
-        ctx = self.model.make_packed_ctx(torch.tensor([s.slot for s in seqs], device=dev), lengths)
-        return self.model.embed_tokens(ids), ctx, torch.tensor(lengths, device=dev).cumsum(0) - 1
+        ids = [(c.seq.prompt_ids + c.seq.output_ids)[c.start:c.start + c.length] for c in chunks]
+        ids = torch.tensor([list(itertools.chain.from_iterable(ids))], device=dev)
+        ctx = self.model.make_packed_ctx(torch.tensor([c.seq.slot for c in chunks], device=dev),
+                                         [(c.start, c.length) for c in chunks])
+        last_idx = torch.tensor([c.length for c in chunks], device=dev).cumsum(0) - 1
+        return self.model.embed_tokens(ids), ctx, last_idx
 
     def _decode_inputs(self, seqs: list[Sequence]):
         """Each row's newest token; under the deferred fill its pending tokens ride along as columns."""

@@ -39,9 +39,10 @@ class BatchCtx:
     # A column takes part in layer i once its level is <= i. None: every column takes part everywhere
     level: torch.Tensor | None = None
     write_at: torch.Tensor | None = None  # [b, T] where K/V go (the cache's scratch for idle columns)
-    # prefill, packed: one row holding several prompts back to back, these their lengths (one per
-    # slot). Linear layers run over every real token at once, attention per prompt: no padding
-    packed: tuple[int, ...] | None = None
+    # prefill, packed: one row holding chunks of several prompts back to back, these their (first
+    # position, length), one per slot. Linear layers run over every real token at once, attention
+    # per chunk, over its prompt's cache up to it: no padding
+    packed: tuple[tuple[int, int], ...] | None = None
 
     def select(self, rows: torch.Tensor) -> "BatchCtx":
         rope = {t: (c[rows], s[rows]) for t, (c, s) in self.rope.items()}
@@ -154,11 +155,11 @@ class EEModel(nn.Module):
                 masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
         return BatchCtx(slots, positions, length, rope, masks, run_start(slots), level)
 
-    def make_packed_ctx(self, slots: torch.Tensor, lengths: list[int]) -> BatchCtx:
-        """Prefill of fresh slots, the prompts concatenated into one row (`BatchCtx.packed`)."""
-        positions = torch.cat([torch.arange(n, device=self.device) for n in lengths])[None]
+    def make_packed_ctx(self, slots: torch.Tensor, spans: list[tuple[int, int]]) -> BatchCtx:
+        """Prefill chunks (first position, length) of these slots in one row (`BatchCtx.packed`)."""
+        positions = torch.cat([torch.arange(start, start + n, device=self.device) for start, n in spans])[None]
         ctx = self.make_ctx(slots[:1], positions)
-        return replace(ctx, slots=slots, masks={}, first_slot=None, packed=tuple(lengths))
+        return replace(ctx, slots=slots, masks={}, first_slot=None, packed=tuple(spans))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
@@ -193,21 +194,27 @@ class EEModel(nn.Module):
         return attn.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
     def _packed_attention(self, i: int, q, k, v, ctx: BatchCtx) -> torch.Tensor:
-        """Each prompt of a packed prefill attends to itself only; its K/V fill its slot from 0."""
+        """Each chunk of a packed prefill attends to its own prompt only: the chunks before it, in the
+        cache, and itself. Its K/V go to its slot at its positions."""
         attn, window = self.layers[i].self_attn, None
         if self.layer_types[i] == "sliding_attention":
             window = self.config.sliding_window
-        outs, start = [], 0
-        for slot, n in zip(ctx.slots.tolist(), ctx.packed):
-            qs, ks, vs = (x[:, :, start:start + n] for x in (q, k, v))
-            self.kv.k[i][slot, :, :n], self.kv.v[i][slot, :, :n] = ks[0], vs[0]
+        outs, at = [], 0
+        for slot, (start, n) in zip(ctx.slots.tolist(), ctx.packed):
+            qs, ks, vs = (x[:, :, at:at + n] for x in (q, k, v))
+            self.kv.k[i][slot, :, start:start + n], self.kv.v[i][slot, :, start:start + n] = ks[0], vs[0]
+            if start:  # a later chunk: keys from the prompt's start, read as a view of the cache
+                ks, vs = self.kv.k[i][slot:slot + 1, :, :start + n], self.kv.v[i][slot:slot + 1, :, :start + n]
             mask = None
-            if window is not None and n > window:
-                pos = torch.arange(n, device=self.device)
-                mask = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - window)
+            if start or (window is not None and n > window):
+                q_pos = torch.arange(start, start + n, device=self.device)[:, None]
+                k_pos = torch.arange(start + n, device=self.device)[None]
+                mask = k_pos <= q_pos
+                if window is not None:
+                    mask = mask & (k_pos > q_pos - window)
             outs.append(F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, is_causal=mask is None,
                                                        scale=attn.scaling, enable_gqa=True))
-            start += n
+            at += n
         return torch.cat(outs, 2)
 
     def layer_forward(self, i: int, h: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:

@@ -184,9 +184,9 @@ def _leave(model: EEModel, kv_fill: KVFill, reached: int, h: torch.Tensor, ctx: 
 def _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec: _Rows, prev) -> None:
     """Rows that reached the last loaded layer leave there: a greedy exit unless the stack is whole."""
     if ctx.packed is not None:
-        for slot, piece in zip(ctx.slots.tolist(), h[0].split(list(ctx.packed))):
-            model.kv.top_hidden[slot, : len(piece)] = piece
-            model.kv.level[slot, : len(piece)] = model.depth
+        for slot, (start, n), piece in zip(ctx.slots.tolist(), ctx.packed, h[0].split([n for _, n in ctx.packed])):
+            model.kv.top_hidden[slot, start:start + n] = piece
+            model.kv.level[slot, start:start + n] = model.depth
     elif is_prefill:
         model.kv.top_hidden[ctx.slots, : h.shape[1]] = h
         model.kv.level[ctx.slots, : h.shape[1]] = model.depth

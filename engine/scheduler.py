@@ -3,17 +3,20 @@ from __future__ import annotations
 
 from collections import deque
 
-from engine.sequence import RequestOutput, Sequence, Status
+from engine.sequence import PrefillChunk, RequestOutput, Sequence, Status
 
 
 class Scheduler:
-    def __init__(self, num_slots: int, eos_ids: list[int], max_model_len: int, decode):
+    def __init__(self, num_slots: int, eos_ids: list[int], max_model_len: int, decode,
+                 prefill_budget: int | None = None):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.eos_ids, self.max_model_len, self.decode = set(eos_ids), max_model_len, decode
+        self.prefill_budget = prefill_budget  # prompt tokens per prefill step; None: every waiting prompt whole
         self.preempted = 0  # sequences sent back to waiting because the cache shrank
+        self._last_prefill = False
 
     def set_capacity(self, num_slots: int) -> list[int]:
         """Hold `num_slots` sequences from now on. When fewer fit than run, the latest admitted go
@@ -22,7 +25,7 @@ class Scheduler:
         slot in new-slot order, for the cache to move them."""
         while len(self.running) > num_slots:
             seq = self.running.pop()
-            seq.slot, seq.status = -1, Status.WAITING
+            seq.slot, seq.status, seq.prefill_len, seq.prefilled = -1, Status.WAITING, 0, 0
             self.waiting.appendleft(seq)
             self.preempted += 1
         self.running.sort(key=lambda s: s.slot)
@@ -39,16 +42,30 @@ class Scheduler:
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self) -> tuple[list[Sequence], bool]:
-        """Newly admitted requests are prefilled first (a preempted one over all its tokens so far);
-        otherwise every running one decodes."""
-        admitted = []
+    def schedule(self) -> tuple[list[Sequence] | list[PrefillChunk], bool]:
+        """A prefill step (chunks of admitted prompts, at most `prefill_budget` tokens; a preempted
+        sequence recomputes its output so far too) or a decode step of every sequence past its
+        prefill. While both kinds wait they alternate, so decoding goes on while prompts arrive."""
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
-            admitted.append(seq)
-        self.running.extend(admitted)
-        return (admitted, True) if admitted else (list(self.running), False)
+            seq.prefill_len, seq.prefilled = seq.num_tokens, 0
+            self.running.append(seq)
+        decoding = [s for s in self.running if not s.prefilling]
+        prefilling = [s for s in self.running if s.prefilling]
+        self._last_prefill = bool(prefilling) and not (decoding and self._last_prefill)
+        if not self._last_prefill:
+            return decoding, False
+        chunks, budget = [], self.prefill_budget
+        for seq in prefilling:
+            n = seq.prefill_len - seq.prefilled
+            if budget is not None:
+                if budget <= 0:
+                    break
+                n = min(n, budget)
+                budget -= n
+            chunks.append(PrefillChunk(seq, seq.prefilled, n))
+        return chunks, True
 
     def abort(self, request_id: str) -> bool:
         for seq in list(self.waiting) + self.running:

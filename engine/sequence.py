@@ -30,15 +30,39 @@ class Sequence:
     prefix_offset: int = 0
     read_offset: int = 0
     generator: torch.Generator | None = None
+    # prefill, in chunks: the tokens it covers (the prompt; for a preempted sequence the output so
+    # far too) and how many of them have their KV cached. Set when the sequence gets a slot
+    prefill_len: int = 0
+    prefilled: int = 0
 
     @property
     def num_tokens(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
 
     @property
+    def prefilling(self) -> bool:
+        return self.prefilled < self.prefill_len
+
+    @property
     def num_cached(self) -> int:
-        """Tokens whose KV is in the cache: all but the newest sampled one."""
+        """Tokens whose KV is in the cache: during prefill its chunks so far, then all but the newest."""
+        if self.prefilling:
+            return self.prefilled
         return self.num_tokens - 1 if self.output_ids else 0
+
+
+@dataclass(slots=True)
+class PrefillChunk:
+    """Tokens start..start+length of a sequence's prefill, run in one step."""
+
+    seq: Sequence
+    start: int
+    length: int
+
+    @property
+    def completes(self) -> bool:
+        """The chunk ends the prefill: the step samples the sequence's next token from it."""
+        return self.start + self.length == self.seq.prefill_len
 
 
 @dataclass(slots=True)
