@@ -125,7 +125,7 @@ class ModelServer:
         if self.shadow_rate:
             self._history[rid] = (list(prompt), params)
         self._wake.set()
-        sent = ""
+        sent, finished = "", False
         # a stop string can begin in text already produced; holding back its length minus one keeps
         # what the client has received a prefix of the final, cut text
         hold = max((len(s) for s in params.stop), default=1) - 1
@@ -140,12 +140,15 @@ class ModelServer:
                             out.num_output_tokens, self.name, [e.layer for e in exits],
                             sum(e.greedy for e in exits), self.engine.depth)
                 if out.finished:
+                    finished = True
                     return
         finally:
             self._history.pop(rid, None)
             self._timing.pop(rid, None)
-            if self._queues.pop(rid, None) is not None and not self._finished(rid):
-                self._ops.append(lambda: self.engine.abort(rid))  # client went away
+            # the client went away first; the engine's queues belong to the step thread, so the abort
+            # runs there (an abort of a request that finished meanwhile does nothing)
+            if self._queues.pop(rid, None) is not None and not finished:
+                self._ops.append(lambda: self.engine.abort(rid))
 
     def _tokenize(self, prompt: str) -> list[int]:
         return self.engine.tokenizer(prompt)["input_ids"]
@@ -250,9 +253,6 @@ class ModelServer:
         else:
             self.metrics.ttft.observe(now - timing[0])
         timing[1] = now
-
-    def _finished(self, rid: str) -> bool:
-        return not any(s.request_id == rid for s in [*self.engine.scheduler.running, *self.engine.scheduler.waiting])
 
     def _step(self):
         while self._ops:
