@@ -267,7 +267,7 @@ class ModelServer:
         out = self.engine.step()
         self.writer.record(out.exits, time.perf_counter() - t)
         sched = self.engine.scheduler
-        self.metrics.step(out.exits, self.engine.depth, len(sched.waiting), len(sched.running))
+        self.metrics.step(out.exits, self.engine.depth, len(sched.waiting), len(sched.running), self.engine.capacity)
         return out
 
     async def _run(self) -> None:

@@ -56,7 +56,8 @@ PANELS = [
     Panel("TTFT", _quantiles("helios_ttft_seconds"), unit="s"),
     Panel("TPOT", _quantiles("helios_tpot_seconds"), unit="s"),
     Panel("Queue depth", ((f"sum by (candidate) ({m('helios_queue_depth_requests')})", "waiting {{candidate}}"),
-                          (f"sum by (candidate) ({m('helios_running_requests')})", "running {{candidate}}"))),
+                          (f"sum by (candidate) ({m('helios_running_requests')})", "running {{candidate}}"),
+                          (f"sum by (candidate) ({m('helios_capacity_requests')})", "capacity {{candidate}}"))),
     Panel("Controller decisions", ((f"sum by (action, candidate) (increase({m('helios_controller_decisions')}"
                                     "[$__range]))", "{{action}} {{candidate}}"),), kind="table"),
 ]

@@ -28,6 +28,7 @@ METRICS = {
     "helios_loaded_depth_layers": ("gauge", "Decoder layers resident in the candidate's replicas."),
     "helios_queue_depth_requests": ("gauge", "Requests waiting for a cache slot in a replica."),
     "helios_running_requests": ("gauge", "Requests decoding in a replica."),
+    "helios_capacity_requests": ("gauge", "Requests a replica's KV cache holds at once at its loaded depth."),
     "helios_ttft_seconds": ("histogram", "Time from a request's arrival at a replica to its first token."),
     "helios_tpot_seconds": ("histogram", "Time between consecutive tokens of a request."),
     "helios_requests": ("counter", "Requests the gateway routed, by candidate and how it was chosen."),
@@ -67,15 +68,16 @@ class ServerMetrics:
         self.depth = _make("helios_loaded_depth_layers", tags)
         self.queue = _make("helios_queue_depth_requests", tags)
         self.running = _make("helios_running_requests", tags)
+        self.capacity = _make("helios_capacity_requests", tags)
         self.ttft = _make("helios_ttft_seconds", tags, LATENCY_BUCKETS_S)
         self.tpot = _make("helios_tpot_seconds", tags, LATENCY_BUCKETS_S)
         for m in (self.tokens, self.exit_layer, self.greedy, self.involuntary, self.breaches, self.depth,
-                  self.queue, self.running, self.ttft, self.tpot):
+                  self.queue, self.running, self.capacity, self.ttft, self.tpot):
             m.set_default_tags({"candidate": candidate})
         for counter in (self.tokens, self.greedy, self.involuntary, self.breaches):
             _zero(counter)
 
-    def step(self, exits: list[ExitRecord], depth: int, waiting: int, running: int) -> None:
+    def step(self, exits: list[ExitRecord], depth: int, waiting: int, running: int, capacity: int) -> None:
         if exits:
             self.tokens.inc(len(exits))
             for rec in exits:
@@ -88,6 +90,7 @@ class ServerMetrics:
         self.depth.set(depth)
         self.queue.set(waiting)
         self.running.set(running)
+        self.capacity.set(capacity)
 
 
 def shadow_breaches():
