@@ -1,8 +1,9 @@
 """One Serve deployment class, bound once per candidate EE-LLM.
 
-The engine steps in a worker thread so the replica's event loop keeps accepting and streaming
-requests; anything that mutates the engine's layer stack (load_layers, aborts) is queued and
-applied by that thread between steps, so a step never sees a half-changed model.
+The engine steps in its own thread, one step after another: it hands each step's outputs to the
+replica's event loop, which streams them, and never waits for that loop, so a busy loop (streaming,
+Ray calls) costs no step. Anything that changes the engine (load_layers, aborts, thresholds) is
+queued and applied by that thread between steps, so a step never sees a half-changed model.
 """
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import concurrent.futures
 import logging
 import os
 import random
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -94,7 +96,6 @@ class ModelServer:
         self.metrics = ServerMetrics(self.name, self.engine.num_layers)
         self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
         self.flush_every = self.writer.config.flush_every_s
-        self._pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-step")
         # tokenising a long prompt and writing telemetry to a slow Redis must hold up neither the
         # event loop nor the step thread: each has its own thread
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tok")
@@ -102,8 +103,8 @@ class ModelServer:
         self._restore_depth()
         self._ops: collections.deque = collections.deque()
         self._queues: dict[str, asyncio.Queue] = {}
-        self._wake: asyncio.Event | None = None
-        self._loop_task: asyncio.Task | None = None
+        self._wake = threading.Event()  # work arrived for the step thread
+        self._stepper: threading.Thread | None = None
         self._flush_task: asyncio.Task | None = None
         self._served = 0
 
@@ -217,8 +218,8 @@ class ModelServer:
                 "threads": torch.get_num_threads(), "niceness": os.nice(0)}
 
     def check_health(self) -> None:
-        if self._loop_task is not None and self._loop_task.done() and self._loop_task.exception():
-            raise RuntimeError(f"step loop died: {self._loop_task.exception()!r}")
+        if self._stepper is not None and not self._stepper.is_alive():
+            raise RuntimeError("the step thread died")
 
     def _shadow_sample(self, out) -> None:
         """Send a sample of this step's early and greedy exits to the full-depth verifier."""
@@ -238,10 +239,11 @@ class ModelServer:
 
     # ---- the step loop ---------------------------------------------------------------------------
     def _start(self) -> None:
-        if self._loop_task is None:
-            self._wake = asyncio.Event()
+        if self._stepper is None:
             loop = asyncio.get_running_loop()
-            self._loop_task = loop.create_task(self._run())
+            self._stepper = threading.Thread(target=self._step_forever, args=(loop,), daemon=True,
+                                             name=f"{self.name}-step")
+            self._stepper.start()
             self._flush_task = loop.create_task(self._flush())
 
     def _observe_latency(self, rid: str, now: float) -> None:
@@ -270,23 +272,18 @@ class ModelServer:
         self.metrics.step(out.exits, self.engine.depth, len(sched.waiting), len(sched.running), self.engine.capacity)
         return out
 
-    async def _run(self) -> None:
-        loop = asyncio.get_running_loop()
+    def _step_forever(self, loop: asyncio.AbstractEventLoop) -> None:
         while True:
+            self._wake.clear()  # before looking for work: a wake-up after this is never lost
             try:
-                out = await loop.run_in_executor(self._pool, self._step)
+                out = self._step()
             except Exception:  # noqa: BLE001 - an operation between steps failed; the loop goes on
                 log.exception("%s: step loop iteration failed", self.name)
                 continue
             if out is None:
-                self._wake.clear()
-                if not self._ops:
-                    try:
-                        await asyncio.wait_for(self._wake.wait(), timeout=self.flush_every)
-                    except asyncio.TimeoutError:
-                        pass
+                self._wake.wait(timeout=self.flush_every)
                 continue
-            self._deliver(out)
+            loop.call_soon_threadsafe(self._deliver, out)
 
     async def _flush(self) -> None:
         """Telemetry on its own thread: a hung Redis delays no token."""
