@@ -300,10 +300,10 @@ class LLMEngine:
 
     def memory_bytes(self) -> dict[str, int]:
         w = self.model.weight_bytes()
-        plan = self.memory.plan(self.depth, self.budget, self.config.max_batch_size)
-        return {**w, "kv_cache": self.model.kv.nbytes(), "total": w["base"] + w["layers"] + self.model.kv.nbytes(),
-                "budget": self.budget, "per_sequence": plan.per_sequence, "capacity": self.capacity, "cap": plan.cap,
-                "model": self.memory.to_dict()}
+        kv = self.model.kv.nbytes()
+        return {**w, "kv_cache": kv, "total": w["base"] + w["layers"] + kv, "budget": self.budget,
+                "per_sequence": self.memory.per_sequence(self.depth), "capacity": self.capacity,
+                "cap": self.config.max_batch_size, "model": self.memory.to_dict()}
 
     def _detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

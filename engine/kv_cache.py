@@ -56,7 +56,7 @@ class KVCache:
 
     def slot_bytes_per_layer(self) -> int:
         """K and V of one slot in one layer."""
-        return 2 * self.shape[1] * self.shape[2] * self.shape[3] * torch.finfo(self.dtype).bits // 8
+        return 2 * self.shape[1] * self.shape[2] * self.shape[3] * self.top_hidden.element_size()
 
     def slot_bytes_fixed(self) -> int:
         """What one slot holds at any depth: each position's top hidden state and level."""
@@ -64,9 +64,7 @@ class KVCache:
                 + self.level[0].numel() * self.level.element_size())
 
     def nbytes(self) -> int:
-        per = self.k[0].numel() * self.k[0].element_size() if self.k else 0
-        return (2 * per * len(self.k) + self.top_hidden.numel() * self.top_hidden.element_size()
-                + self.level.numel() * self.level.element_size())
+        return self.num_slots * (len(self.k) * self.slot_bytes_per_layer() + self.slot_bytes_fixed())
 
     def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
               scattered: bool = False):

@@ -31,25 +31,6 @@ class MemoryModel:
             return cap
         return max(0, min(cap, (budget - self.weights(depth)) // self.per_sequence(depth)))
 
-    def plan(self, depth: int, budget: int | None, cap: int) -> "CapacityPlan":
-        return CapacityPlan(depth, budget, self.weights(depth), self.per_sequence(depth),
-                            self.capacity(depth, budget, cap), cap)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-
-@dataclass(frozen=True, slots=True)
-class CapacityPlan:
-    """The arithmetic behind one capacity, as `memory_bytes()` and the operator page report it."""
-
-    depth: int
-    budget: int | None
-    weights: int
-    per_sequence: int
-    sequences: int
-    cap: int  # max_batch_size: the upper bound whatever the budget
-
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -142,24 +142,29 @@ class EEModel(nn.Module):
                 "per_layer": layers[0] if layers else 0}
 
     # ---- forward pieces ------------------------------------------------------------------
-    def make_ctx(self, slots: torch.Tensor, positions: torch.Tensor, level: torch.Tensor | None = None) -> BatchCtx:
+    def _rope(self, positions: torch.Tensor) -> dict:
+        """Layer type -> (cos, sin) at these positions."""
         dummy = torch.empty(0, device=self.device, dtype=self.dtype)
+        return {t: self.rotary(dummy, positions, t) if self._rope_by_type else self.rotary(dummy, positions)
+                for t in set(self.layer_types)}
+
+    def make_ctx(self, slots: torch.Tensor, positions: torch.Tensor, level: torch.Tensor | None = None) -> BatchCtx:
         length = int(positions.max()) + 1
         kpos = torch.arange(length, device=self.device)
         qpos = positions[:, None, :, None]  # [b, 1, T, 1]
-        rope, masks = {}, {}
+        masks = {}
         for t in set(self.layer_types):
-            rope[t] = (self.rotary(dummy, positions, t) if self._rope_by_type else self.rotary(dummy, positions))
             masks[t] = kpos <= qpos
             if t == "sliding_attention":
                 masks[t] = masks[t] & (kpos > qpos - self.config.sliding_window)
-        return BatchCtx(slots, positions, length, rope, masks, run_start(slots), level)
+        return BatchCtx(slots, positions, length, self._rope(positions), masks, run_start(slots), level)
 
     def make_packed_ctx(self, slots: torch.Tensor, spans: list[tuple[int, int]]) -> BatchCtx:
-        """Prefill chunks (first position, length) of these slots in one row (`BatchCtx.packed`)."""
+        """Prefill chunks (first position, length) of these slots in one row (`BatchCtx.packed`); each
+        chunk builds its own causal mask in the attention, so none is built here."""
         positions = torch.cat([torch.arange(start, start + n, device=self.device) for start, n in spans])[None]
-        ctx = self.make_ctx(slots[:1], positions)
-        return replace(ctx, slots=slots, masks={}, first_slot=None, packed=tuple(spans))
+        return BatchCtx(slots, positions, int(positions.max()) + 1, self._rope(positions), {}, None,
+                        packed=tuple(spans))
 
     def embed_tokens(self, ids: torch.Tensor) -> torch.Tensor:
         return self.embed(ids)
