@@ -92,6 +92,10 @@ class EngineConfig(BaseModel):
     )
     threads: int | None = Field(None, ge=1, description="CPU threads for torch's kernels; None: every CPU this "
                                 "process may run on (a Ray worker otherwise inherits OMP_NUM_THREADS=1).")
+    tune_matmuls: bool = Field(
+        True, description="CPU: measure at start-up which weight layout (row- or column-major) and which "
+        "zero-padding of few-row matmuls this CPU's BLAS runs fastest, for the layers and the LM head, and "
+        "use them (engine.matmul_plan). False: weights as loaded, no padding.")
     max_batch_size: int = Field(8, ge=1, le=512, description="Concurrent sequences (KV cache slots); under a "
                                 "`memory_budget`, the most the budget may give.")
     memory_budget: float | None = Field(

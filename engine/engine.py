@@ -86,6 +86,8 @@ class LLMEngine:
         self.tokenizer = self.store.tokenizer()
         self.eos_ids = self.store.eos_token_ids(self.tokenizer)
         self.model = EEModel(self.store, config.depth or self.store.num_layers, config.device, self.dtype)
+        if config.tune_matmuls and self.model.device.type == "cpu":
+            self.model.tune_matmuls()
         kv = self.model.allocate_cache(1, config.max_model_len)
         w = self.model.weight_bytes()
         self.memory = MemoryModel(w["base"], w["per_layer"], kv.slot_bytes_per_layer(), kv.slot_bytes_fixed(),

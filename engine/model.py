@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import matmul_plan
+from engine.matmul_plan import MatmulPlan, PlannedLinear
 from engine.kv_cache import KVCache
 from engine.store import CheckpointError, LayerStore
 
@@ -103,6 +105,8 @@ class EEModel(nn.Module):
         self.head_dim, self.kv_heads = attn.head_dim, config.num_key_value_heads
         self.sandwich_norms = hasattr(skeleton.model.layers[0], "pre_feedforward_layernorm")
         self.kv: KVCache | None = None
+        # weight layout and small-row padding of the layers' and the LM head's matmuls (engine.matmul_plan)
+        self.layer_plan, self.head_plan = MatmulPlan(), MatmulPlan()
         self.set_depth(depth)
 
     # ---- loading -------------------------------------------------------------------------
@@ -119,7 +123,9 @@ class EEModel(nn.Module):
             i = len(self.layers)
             with torch.device("meta"):
                 layer = self.layer_cls(self.config, i)
-            self.layers.append(self._materialise(layer, self.store.layer(i)))
+            layer = self._materialise(layer, self.store.layer(i))
+            matmul_plan.apply(layer, self.layer_plan)
+            self.layers.append(layer)
         del self.layers[depth:]
         if self.kv is not None:
             self.kv.resize(depth)
@@ -240,4 +246,30 @@ class EEModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [..., hidden] -> [..., vocab]."""
-        return F.linear(self.norm(h), self.lm_head_weight)
+        return matmul_plan.linear(self.norm(h), self.lm_head_weight, None, self.head_plan.pad_to)
+
+    def tune_matmuls(self, sample_bytes: int = 128 << 20) -> None:
+        """Measure this CPU's fastest weight layout and row padding, for the layers and for the LM
+        head, on `sample_bytes` of their own weights (more than caches hold), and use them."""
+        sample, size = [], 0
+        for m in self.layers.modules():
+            if isinstance(m, PlannedLinear) and size < sample_bytes:
+                sample.append(m.weight.detach().contiguous())
+                size += sample[-1].numel() * sample[-1].element_size()
+        head = self.lm_head_weight.detach()
+        head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
+        self.set_matmul_plans(matmul_plan.plan(sample), matmul_plan.plan([head]))
+
+    def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
+        self.layer_plan.col_major = layers.col_major
+        self.layer_plan.pad_to.clear()  # the layers' PlannedLinears hold this very dict
+        self.layer_plan.pad_to.update(layers.pad_to)
+        for layer in self.layers:
+            matmul_plan.apply(layer, self.layer_plan)
+        self.head_plan = head
+        w = self.lm_head_weight.data
+        w = matmul_plan.col_major(w) if head.col_major else w.contiguous()
+        if isinstance(self.lm_head_weight, nn.Parameter):  # tied: the embedding reads the same storage
+            self.lm_head_weight.data = w
+        else:
+            self.lm_head_weight = w

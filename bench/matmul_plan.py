@@ -1,0 +1,127 @@
+"""Decode step time by batch size, weights as loaded against the start-up matmul plan (engine.matmul_plan).
+
+One engine, full depth; for each batch size the same requests decode under the plan the engine
+measured at start-up and under none (row-major weights, no padding), alternately, `--rounds`
+times; the table gives median step times. `floor_ms` is the time
+to read every weight a decode step reads once (a sum over them): the weight-read floor. The last
+row is early exits at batch 1 (deferred fill: a step carries the new token and any pending ones).
+
+    python -m bench.matmul_plan --batches 1 2 3 4 5 6 8 --new-tokens 24 --rounds 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.common import RESULTS, command, humaneval_prompts, machine, md_table
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.matmul_plan import MatmulPlan
+
+
+def decode_ms(engine: LLMEngine, prompts: list[str], new_tokens: int) -> tuple[list[float], float]:
+    """Decode step times (ms) for these prompts run together, and their mean exit layer."""
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    for p in prompts:
+        engine.add_request(p, params)
+    steps, layers = [], []
+    while engine.has_unfinished():
+        t0 = time.perf_counter()
+        out = engine.step()
+        if not out.is_prefill:
+            steps.append(1e3 * (time.perf_counter() - t0))
+            layers += [e.layer for e in out.exits]
+    return steps, sum(layers) / max(len(layers), 1)
+
+
+@torch.inference_mode()
+def read_floor_ms(engine: LLMEngine, reps: int = 3) -> float:
+    weights = [p for p in engine.model.layers.parameters() if p.dim() == 2] + [engine.model.lm_head_weight]
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for w in weights:
+            w.sum()
+        best = min(best, time.perf_counter() - t0)
+    return 1e3 * best
+
+
+def compare(engine: LLMEngine, label: str, batch: int, prompts: list[str], new_tokens: int, rounds: int,
+            floor: float) -> dict:
+    model = engine.model
+    tuned = (MatmulPlan(model.layer_plan.col_major, dict(model.layer_plan.pad_to)), model.head_plan)
+    times = {"as_loaded": [], "tuned": []}
+    depth = 0.0
+    for _ in range(rounds):
+        for mode in times:
+            model.set_matmul_plans(*(tuned if mode == "tuned" else (MatmulPlan(), MatmulPlan())))
+            steps, depth = decode_ms(engine, prompts[:batch], new_tokens)
+            times[mode] += steps
+    plain, planned = (statistics.median(times[m]) for m in times)
+    return {"system": label, "batch": batch, "padded_to": tuned[0].pad_to.get(batch, batch),
+            "step_ms_as_loaded": plain, "step_ms_tuned": planned, "speedup": plain / planned, "floor_ms": floor,
+            "tuned_x_floor": planned / floor, "tok_s_tuned": 1e3 * batch / planned, "mean_exit_layer": depth}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="smollm2")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 2, 3, 4, 5, 6, 8])
+    p.add_argument("--new-tokens", type=int, default=24)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, default=RESULTS)
+    p.add_argument("--name", default=None)
+    args = p.parse_args(argv)
+    prompts = humaneval_prompts(max(args.batches))
+    full = LLMEngine(EngineConfig(model=args.model, exit_policy="full", max_batch_size=max(args.batches)))
+    full.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
+    floor = read_floor_ms(full)
+    plans = {"full depth": {"layers": full.model.layer_plan.to_dict(), "head": full.model.head_plan.to_dict()}}
+    rows = [compare(full, "full depth", b, prompts, args.new_tokens, args.rounds, floor)
+            for b in tqdm(args.batches, desc="batch sizes")]
+    del full
+    ee = LLMEngine(EngineConfig(model=args.model, max_batch_size=1))
+    if ee.exits is not None:
+        ee.generate(prompts[:1], SamplingParams(max_tokens=4))
+        rows.append(compare(ee, "early exits, deferred fill", 1, prompts, args.new_tokens, args.rounds, floor))
+    plans["early exits"] = {"layers": ee.model.layer_plan.to_dict(), "head": ee.model.head_plan.to_dict()}
+    name = args.name or f"matmul-plan-{args.model}-cpu"
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / f"{name}.json").write_text(json.dumps({"command": command(), "machine": machine("cpu"),
+                                                       "plans": plans, "rows": rows}, indent=1))
+    table = md_table(list(rows[0]), [list(r.values()) for r in rows])
+    (args.out / f"{name}.md").write_text("\n".join([
+        f"# Matmul plan: {args.model}", "", f"Command: `{command()}`  ", f"Machine: {machine('cpu')}  ",
+        f"Start-up plans (each engine measures its own): {json.dumps(plans)}. Median decode step over {args.rounds} rounds of {args.new_tokens} "
+        "tokens per batch size, weights as loaded and tuned alternately, on one engine.", "",
+        *table, "", f"![matmul plan]({name}.png)", ""]))
+    _plot([r for r in rows if r["system"] == "full depth"], args.out / f"{name}.png")
+    print("\n".join(table))
+    return rows
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    batch = [r["batch"] for r in rows]
+    ax.plot(batch, [r["step_ms_as_loaded"] for r in rows], "o-", label="weights as loaded")
+    ax.plot(batch, [r["step_ms_tuned"] for r in rows], "o-", label="start-up matmul plan")
+    ax.axhline(rows[0]["floor_ms"], ls=":", color="grey", label="weight-read floor")
+    ax.set(xlabel="sequences in the decode step", ylabel="decode step (ms)", title="full-depth decode step", ylim=(0, None))
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()

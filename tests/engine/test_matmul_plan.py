@@ -1,0 +1,64 @@
+"""Decode matmuls in the layout and row padding measured fastest: the choice, the maths, real weights."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine import matmul_plan
+from engine.matmul_plan import MatmulPlan, PlannedLinear
+from tests.conftest import PROMPTS
+
+
+def test_padding_only_where_a_larger_count_beats_the_margin():
+    # the shape torch 2.13's MKL showed on an AMD EPYC: 2-4 rows cost more than 5
+    amd = {1: 36.0, 2: 51.0, 3: 58.0, 4: 48.0, 5: 40.0, 6: 41.0, 7: 44.0, 8: 41.0}
+    assert matmul_plan.choose_padding(amd) == {2: 5, 3: 5, 4: 5}
+    assert matmul_plan.choose_padding({m: 30.0 + m for m in range(1, 9)}) == {}
+    assert matmul_plan.choose_padding({1: 10.0, 2: 10.0, 3: 9.0}) == {}  # within the margin: noise
+
+
+def test_layout_is_the_one_whose_worst_row_count_loses_least():
+    # an LM head measured there: column-major halves 1-3 rows and costs ~15% at 8
+    row = {1: 9.5, 2: 22.6, 3: 34.0, 4: 17.0, 5: 17.0, 6: 22.0, 7: 34.0, 8: 16.0}
+    col = {1: 4.8, 2: 9.0, 3: 13.2, 4: 19.0, 5: 20.0, 6: 22.0, 7: 24.0, 8: 18.0}
+    assert matmul_plan.choose(row, col).col_major
+    # decoder layers there: column-major 15% faster at one row, 25% slower at eight: stay row-major
+    row = {1: 36.0, 2: 51.0, 3: 58.0, 4: 48.0, 5: 36.0, 6: 37.0, 7: 40.0, 8: 40.0}
+    col = {1: 31.0, 2: 40.0, 3: 48.0, 4: 50.0, 5: 37.0, 6: 35.0, 7: 50.0, 8: 50.0}
+    plan = matmul_plan.choose(row, col)
+    assert not plan.col_major and plan.pad_to == {2: 5, 3: 5, 4: 5}
+    assert not matmul_plan.choose(row, row).col_major  # a tie keeps the weights as loaded
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 64), (2, 1, 64), (1, 3, 64), (3, 2, 64), (9, 1, 64)])
+def test_padded_rows_and_either_layout_give_the_plain_result(shape):
+    torch.manual_seed(0)
+    x, w, b = torch.randn(shape), torch.randn(48, 64), torch.randn(48)
+    pad = {m: 8 for m in range(2, 8)}
+    for weight in (w, matmul_plan.col_major(w)):
+        out = matmul_plan.linear(x, weight, b, pad)
+        assert out.shape == (*shape[:-1], 48)
+        torch.testing.assert_close(out, F.linear(x, w, b), rtol=1e-5, atol=1e-4)
+    wide = torch.randn(shape[0], shape[1] + 1, 64)[:, 1:]  # a column slice of a decode batch
+    torch.testing.assert_close(matmul_plan.linear(wide, w, None, pad), F.linear(wide, w), rtol=1e-5, atol=1e-4)
+
+
+def test_any_plan_decodes_the_same_tokens(smollm2):
+    engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=3, tune_matmuls=False))
+    model = engine.model
+    assert model.layer_plan == MatmulPlan() and model.head_plan == MatmulPlan()
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    plain = [r.token_ids for r in engine.generate(PROMPTS[:3], params)]
+    plain_logits = engine.next_token_logits([[1, 2, 3]])  # a 3-token prefill: 3 rows
+    embedded = model.embed_tokens(torch.tensor([[5, 7]]))
+    plan = MatmulPlan(True, {2: 8, 3: 8})
+    model.set_matmul_plans(plan, MatmulPlan(True, {2: 8, 3: 8}))
+    wrapped = [m for m in model.layers.modules() if isinstance(m, PlannedLinear)]
+    assert len(wrapped) == 7 * engine.depth and all(m.pad_to is model.layer_plan.pad_to for m in wrapped)
+    assert all(m.weight.t().is_contiguous() for m in wrapped) and model.lm_head_weight.t().is_contiguous()
+    torch.testing.assert_close(model.embed_tokens(torch.tensor([[5, 7]])), embedded)  # tied: same values
+    torch.testing.assert_close(engine.next_token_logits([[1, 2, 3]]), plain_logits, rtol=1e-4, atol=1e-3)
+    assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == plain
+    model.set_depth(engine.depth - 2)  # layers loaded later take the plan too
+    model.set_depth(engine.depth + 2)
+    assert model.layers[-1].mlp.up_proj.weight.t().is_contiguous()
