@@ -54,7 +54,7 @@ def read_floor_ms(engine: LLMEngine, reps: int = 3) -> float:
 def compare(engine: LLMEngine, label: str, batch: int, prompts: list[str], new_tokens: int, rounds: int,
             floor: float) -> dict:
     model = engine.model
-    tuned = (MatmulPlan(model.layer_plan.col_major, dict(model.layer_plan.pad_to)), model.head_plan)
+    tuned = (model.layer_plan, model.head_plan)
     times = {"as_loaded": [], "tuned": []}
     depth = 0.0
     for _ in range(rounds):

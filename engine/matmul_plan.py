@@ -101,8 +101,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad
 
 
 class PlannedLinear(nn.Module):
-    """An nn.Linear's own weight and bias, multiplied through `linear` under the padding the model's
-    layers share (the dict is the plan's, updated in place)."""
+    """An nn.Linear's own weight and bias, multiplied through `linear` under its plan's padding."""
 
     def __init__(self, base: nn.Linear, pad_to: dict[int, int]):
         super().__init__()
@@ -113,13 +112,14 @@ class PlannedLinear(nn.Module):
 
 
 def apply(module: nn.Module, plan: MatmulPlan) -> None:
-    """Swap every nn.Linear inside `module` for a PlannedLinear over the same parameters, each
-    weight stored in the plan's layout."""
+    """Put every linear layer inside `module` under `plan`: an nn.Linear becomes a PlannedLinear over
+    the same parameters; each takes the plan's padding and stores its weight in the plan's layout."""
     for name, child in module.named_children():
         if type(child) is nn.Linear:
             child = PlannedLinear(child, plan.pad_to)
             setattr(module, name, child)
         if isinstance(child, PlannedLinear):
+            child.pad_to = plan.pad_to
             child.weight.data = col_major(child.weight.data) if plan.col_major else child.weight.data.contiguous()
         else:
             apply(child, plan)

@@ -261,12 +261,9 @@ class EEModel(nn.Module):
         self.set_matmul_plans(matmul_plan.plan(sample), matmul_plan.plan([head]))
 
     def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
-        self.layer_plan.col_major = layers.col_major
-        self.layer_plan.pad_to.clear()  # the layers' PlannedLinears hold this very dict
-        self.layer_plan.pad_to.update(layers.pad_to)
+        self.layer_plan, self.head_plan = layers, head
         for layer in self.layers:
-            matmul_plan.apply(layer, self.layer_plan)
-        self.head_plan = head
+            matmul_plan.apply(layer, layers)
         w = self.lm_head_weight.data
         w = matmul_plan.col_major(w) if head.col_major else w.contiguous()
         if isinstance(self.lm_head_weight, nn.Parameter):  # tied: the embedding reads the same storage
