@@ -4,7 +4,8 @@
     helios bench --short          # seconds-scale smoke run (CI)
 
 Systems: transformers `generate` (the peer), our engine at full depth, the `batch` exit rule,
-DREX `rebatch` (deferred KV fill, and with state copy), HELIOS (two candidates: greedy-loaded and
+DREX `rebatch` (deferred KV fill, with DREX's rebatching buffer across steps, and with state
+copy), HELIOS (two candidates: greedy-loaded and
 full depth, with profiling, selection, breach counting and load-deeper-or-switch), and HELIOS with
 `rebatch`. Workloads: HumanEval, chat prompts, and a drift from code to chat, each prompt one that
 calibration never saw. Each runs at every `--batch` concurrency. Agreement and ROUGE-L are against
@@ -28,7 +29,9 @@ from bench.workloads import workload
 from engine import EngineConfig, LLMEngine
 
 COPY = "rebatch, state copy"
-SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", COPY, "HELIOS", "HELIOS + rebatch"]
+BUFFER = "rebatch + buffer"
+SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", BUFFER, COPY, "HELIOS",
+           "HELIOS + rebatch"]
 LLAMA_CPP = "llama.cpp"  # an optional extra: in the default systems only where llama-cpp-python is installed
 
 
@@ -44,6 +47,8 @@ def _router(system: str, base: EngineConfig, args):
         return Single(LLMEngine(base.model_copy(update={"exit_policy": "full", "exits": False})))
     if system in ("batch", "rebatch"):
         return Single(LLMEngine(base.model_copy(update={"exit_policy": system})))
+    if system == BUFFER:
+        return Single(LLMEngine(base.model_copy(update={"exit_policy": "buffer"})))
     if system == COPY:
         return Single(LLMEngine(base.model_copy(update={"exit_policy": "rebatch", "kv_fill": "copy"})))
     policy = "rebatch" if "rebatch" in system else "greedy"
@@ -112,6 +117,8 @@ def summarise(system, wl, batch, r, ref_tokens, budget, verify) -> dict:
         "mean_exit_layer": statistics.fmean(e.layer for e in r["exits"]) if r["exits"] else float("nan"),
         "greedy_exits": sum(e.greedy for e in r["exits"]) / len(r["exits"]) if r["exits"] else 0.0,
         "involuntary": sum(e.involuntary for e in r["exits"]),
+        "held": sum(e.held_s > 0 for e in r["exits"]) / len(r["exits"]) if r["exits"] else 0.0,
+        "held_p99_ms": 1e3 * _pct([e.held_s for e in r["exits"] if e.held_s > 0], 0.99),
         "agreement": agree,
         "token_agreement": verify(r["tokens"]),
         "rouge_l": statistics.fmean(rouge_l(a, b) for a, b in zip(r["tokens"], ref_tokens)),
@@ -204,7 +211,8 @@ def write_results(args, rows, traces, name) -> Path:
              "against the engine's full-depth output; `token_agreement` is the share of generated tokens "
              "that the full-depth model also picks given the same prefix. `batch_in_budget`: sequences an engine at that "
              "depth holds under a `memory_budget` of what the full-depth engine uses for its weights plus its KV "
-             "cache (measured by `python -m bench.capacity`)."
+             "cache (measured by `python -m bench.capacity`). `held`: share of tokens that waited a step in the rebatching "
+             "buffer, `held_p99_ms` how long (from the step that held them to their token)."
              + (" llama.cpp serves the requests one after another (its Python binding runs one sequence); "
                 "its `mem_MiB` is the GGUF file it maps." if any(r["system"] == LLAMA_CPP for r in rows) else ""),
              ""]

@@ -5,7 +5,7 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 def helios_home() -> Path:
@@ -49,6 +49,9 @@ class SamplingParams(BaseModel):
     seed: int | None = Field(None, ge=-(2**63), le=2**64 - 1,
                              description="Seed of this request's own sampling generator (torch's range).")
     ignore_eos: bool = Field(False, description="Keep generating past end-of-sequence tokens.")
+    tpot_slo_ms: float | None = Field(None, gt=0, description="This request's time-per-output-token target, "
+                                      "overriding the engine's `tpot_slo_ms` (the `buffer` policy never "
+                                      "holds a row whose next token would then miss it).")
 
     @field_validator("stop", mode="before")
     @classmethod
@@ -74,10 +77,16 @@ class EngineConfig(BaseModel):
     thresholds: dict[int, float] | None = Field(
         None, description="Per-layer confidence thresholds overriding the calibrated ones (layer -> threshold)."
     )
-    exit_policy: Literal["full", "batch", "greedy", "rebatch"] = Field(
+    exit_policy: Literal["full", "batch", "greedy", "rebatch", "buffer"] = Field(
         "rebatch", description="full: no exits; batch: the batch leaves when every row is confident; greedy "
         "(HELIOS): rows take their token at their first confident layer and ride along; rebatch (DREX): "
-        "confident rows leave and the rest regroup when the planner predicts it pays.")
+        "confident rows leave and the rest regroup when the planner predicts it pays; buffer (DREX's "
+        "rebatching buffer): rebatch, and the rows that continue past an exit point may wait there for the "
+        "next step's, so the deeper layers run once for both, when that is cheaper per token (needs "
+        "kv_fill='deferred').")
+    tpot_slo_ms: float | None = Field(
+        None, gt=0, description="Time-per-output-token target of every request (a request may set its own): "
+        "the `buffer` policy holds a row only when its next token still comes within it. None: no target.")
     batch_quorum: float = Field(1.0, gt=0.0, le=1.0, description="`batch` policy: share of rows that must be "
                                 "confident for the batch to leave; below 1 the others are forced out.")
     kv_fill: Literal["deferred", "copy", "none"] = Field(
@@ -107,6 +116,13 @@ class EngineConfig(BaseModel):
         512, ge=1, description="Prompt tokens per prefill step: longer prompts are prefilled in chunks, and "
         "decode steps of the running requests go on between them. None: every admitted prompt whole.")
     home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
+
+    @model_validator(mode="after")
+    def _buffer_keeps_states_as_the_deferred_fill_does(self):
+        if self.exit_policy == "buffer" and self.kv_fill != "deferred":
+            raise ValueError("exit_policy 'buffer' holds rows' states where the deferred fill keeps them: "
+                             f"it needs kv_fill='deferred', not {self.kv_fill!r}")
+        return self
 
     @property
     def cache_home(self) -> Path:

@@ -8,7 +8,8 @@ layer e+1 on it is computed like any token, so its K/V equal the full model's (E
 recomputation). It goes only as deep as that step goes, so a layer that no row needs is never run,
 and when a step does go deep, every pending token of a row rides one read of the weights.
 
-A decode row's columns are [new token, pending tokens by ascending level]; layer i needs the
+A decode row's columns are [new token, pending tokens by ascending level] (a row whose newest token
+waits in the rebatching buffer has it among the pending ones, at its level); layer i needs the
 columns whose level is <= i, a prefix (`BatchCtx.at_layer`). Columns of other rows inside that
 prefix, and padding, sit the layer out: their K/V go to the cache's scratch position.
 """
@@ -21,25 +22,36 @@ from engine.model import BatchCtx, EEModel
 PAD = 1 << 30  # level of a padding column: it never takes part
 
 
-def pending_columns(model: EEModel, slots: list[int], new_pos: list[int], with_new: bool = True):
-    """Positions and levels [b, T] of each row's columns, padded to the longest row.
+def pending_columns(model: EEModel, slots: list[int], new_pos: list[int], with_new: bool = True,
+                    held: list[bool] | None = None):
+    """Positions and levels [b, T] of each row's columns, padded to the longest row, and [b] the
+    column of each row's newest token.
 
     `new_pos[r]`: position of row r's newest token; cached tokens before it whose level is under
-    the loaded depth are pending. With `with_new`, column 0 is the newest token at level 0.
+    the loaded depth are pending. With `with_new`, column 0 is the newest token at level 0, unless
+    the row is `held`: its newest token already waits at some level (engine.buffer) and takes its
+    place among the pending tokens by level.
     """
     kv, depth = model.kv, model.depth
-    rows = []
-    for slot, p in zip(slots, new_pos):
-        level = kv.level[slot, :p]
+    rows, token_col = [], []
+    for r, (slot, p) in enumerate(zip(slots, new_pos)):
+        waiting = held is not None and held[r]
+        level = kv.level[slot, :p + 1 if waiting else p]
         idx = (level < depth).nonzero().squeeze(1)
         idx = idx[level[idx].argsort(stable=True)]
         pos, lvl = idx.tolist(), level[idx].tolist()
-        rows.append(([p] + pos, [0] + lvl) if with_new else (pos, lvl))
+        if waiting:
+            rows.append((pos, lvl))
+            token_col.append(pos.index(p))
+        else:
+            rows.append(([p] + pos, [0] + lvl) if with_new else (pos, lvl))
+            token_col.append(0)
     t = max(len(pos) for pos, _ in rows)
     positions = [pos + [pos[0] if pos else 0] * (t - len(pos)) for pos, _ in rows]
     levels = [lvl + [PAD] * (t - len(lvl)) for _, lvl in rows]
     dev = model.device
-    return torch.tensor(positions, device=dev), torch.tensor(levels, device=dev)
+    return (torch.tensor(positions, device=dev), torch.tensor(levels, device=dev),
+            torch.tensor(token_col, device=dev))
 
 
 def pending_counts(ctx: BatchCtx) -> torch.Tensor:
@@ -68,7 +80,7 @@ def settle(model: EEModel, h: torch.Tensor, ctx: BatchCtx, reached: int) -> None
 @torch.inference_mode()
 def flush(model: EEModel, slots: list[int], lengths: list[int]) -> None:
     """Bring every pending token of these slots (cached tokens before `lengths`) to the loaded depth."""
-    positions, level = pending_columns(model, slots, lengths, with_new=False)
+    positions, level, _ = pending_columns(model, slots, lengths, with_new=False)
     if positions.shape[1] == 0:
         return
     slot_t = torch.tensor(slots, device=model.device)

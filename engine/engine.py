@@ -9,12 +9,14 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from engine import deferred
+from engine.buffer import BufferPlanner
 from engine.config import EngineConfig, SamplingParams, unicode_problem
 from engine.exits import ExitBank
 from engine.memory import MemoryModel, budget_bytes
@@ -59,6 +61,7 @@ class EngineStats:
     splits: int = 0
     splits_skipped: int = 0
     preempted: int = 0  # sequences sent back to waiting when a deeper stack left room for fewer
+    held: int = 0  # tokens that waited one step in the rebatching buffer (`buffer` policy)
 
 
 @dataclass(slots=True)
@@ -101,10 +104,15 @@ class LLMEngine:
                 self.exits.set_thresholds(config.thresholds)
         # the split decision needs this device's layer costs; measured before any request owns a slot.
         # With one slot, or no exits, there is never a batch to split.
-        splits = config.exit_policy == "rebatch" and self.exits is not None and kv.num_slots > 1
+        splits = config.exit_policy in ("rebatch", "buffer") and self.exits is not None and kv.num_slots > 1
         self._defers = config.kv_fill == "deferred" and self.exits is not None
-        self.planner = (RebatchPlanner(measure_cost(self.model, kv.num_slots), deferred=self._defers)
-                        if splits else None)
+        cost = measure_cost(self.model, kv.num_slots) if splits else None
+        self.planner = RebatchPlanner(cost, deferred=self._defers) if splits else None
+        self.buffer = (BufferPlanner(cost, cost.step_fixed_s)
+                       if splits and config.exit_policy == "buffer" and self._defers else None)
+        # recent decode step time (EWMA): how long a held row's wait will last; until measured, a full
+        # batch through every layer as the cost model prices it
+        self._step_s = cost.step_fixed_s + self.depth * cost.layer_s(kv.num_slots) if cost else 0.0
         self.stats = EngineStats()
         self.scheduler = Scheduler(kv.num_slots, self.eos_ids, config.max_model_len, self._detokenize,
                                    config.max_prefill_tokens)
@@ -185,26 +193,39 @@ class LLMEngine:
             return StepOutput(self.scheduler.fail(seqs, f"{type(e).__name__}: {e}"), [], is_prefill)
 
     def _step(self, work: list[Sequence] | list[PrefillChunk], is_prefill: bool) -> StepOutput:
+        start = time.perf_counter()
         h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
         cfg = self.config
+        slack = None if is_prefill or self.buffer is None else self._slack(work, start)
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
-                          self.planner, cfg.batch_quorum, cfg.max_deferred)
+                          self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer, slack)
         rows = list(range(len(work)))
         if is_prefill:  # only a chunk that ends its prompt yields a token
             for c in work:
                 c.seq.prefilled += c.length
             rows = [r for r, c in enumerate(work) if c.completes]
-            stack.exits = [stack.exits[r] for r in rows]
-        seqs = [work[r].seq for r in rows] if is_prefill else work
-        tokens = sample(stack.logits[rows] if is_prefill else stack.logits, seqs) if seqs else []
+        elif stack.held:  # rows waiting in the buffer: their tokens come next step
+            for r in stack.held:
+                work[r].held_since = start
+            rows = [r for r in rows if r not in set(stack.held)]
+        seqs = [work[r].seq for r in rows] if is_prefill else [work[r] for r in rows]
+        exits = [stack.exits[r] for r in rows]
+        tokens = sample(stack.logits[rows], seqs) if seqs else []
+        now = time.perf_counter()
         records = [ExitRecord(s.request_id, s.num_tokens, e.layer, e.confidence, e.greedy, self.name, self.depth,
-                              e.involuntary) for s, e in zip(seqs, stack.exits)]
+                              e.involuntary, now - s.held_since if s.held_since is not None else 0.0)
+                   for s, e in zip(seqs, exits)]
+        for s in seqs:
+            s.held_since, s.last_token_at = None, now
+        if not is_prefill:
+            self._step_s = 0.8 * self._step_s + 0.2 * (now - start) if self._step_s else now - start
         outputs = self.scheduler.postprocess(seqs, tokens)
         st = self.stats
         st.tokens += len(tokens)
         st.row_layers += stack.row_layers
-        st.greedy_exits += sum(e.greedy for e in stack.exits)
-        st.involuntary_exits += sum(e.involuntary for e in stack.exits)
+        st.greedy_exits += sum(e.greedy for e in exits)
+        st.involuntary_exits += sum(e.involuntary for e in exits)
+        st.held += len(stack.held)
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
@@ -220,17 +241,40 @@ class LLMEngine:
         return self.model.embed_tokens(ids), ctx, last_idx
 
     def _decode_inputs(self, seqs: list[Sequence]):
-        """Each row's newest token; under the deferred fill its pending tokens ride along as columns."""
+        """Each row's newest token; under the deferred fill its pending tokens ride along as columns,
+        and a token that waited in the buffer comes back at its level, its state from the cache."""
         dev = self.model.device
         slots = torch.tensor([s.slot for s in seqs], device=dev)
         h = self.model.embed_tokens(torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev))
         positions, level = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev), None
+        last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
         if self._defers:
-            positions, level = deferred.pending_columns(self.model, [s.slot for s in seqs],
-                                                        [s.num_tokens - 1 for s in seqs])
-            if positions.shape[1] > 1:
-                h = torch.cat([h, self.model.kv.top_hidden[slots[:, None], positions[:, 1:]]], 1)
-        return h, self.model.make_ctx(slots, positions, level), torch.zeros(len(seqs), dtype=torch.long, device=dev)
+            held = [s.held_since is not None for s in seqs]
+            positions, level, last_idx = deferred.pending_columns(self.model, [s.slot for s in seqs],
+                                                                  [s.num_tokens - 1 for s in seqs], held=held)
+            if positions.shape[1] > 1 or any(held):
+                columns = self.model.kv.top_hidden[slots[:, None], positions]
+                fresh = torch.tensor([not x for x in held], device=dev)
+                columns[fresh, :1] = h[fresh]
+                h = columns
+        return h, self.model.make_ctx(slots, positions, level), last_idx
+
+    def _slack(self, seqs: list[Sequence], now: float) -> torch.Tensor:
+        """[b] seconds each row's next token could still wait if held one step (a held token comes at
+        the end of the next step): its TPOT target less the time since its last token and two steps."""
+        slack = []
+        for s in seqs:
+            slo_ms = s.params.tpot_slo_ms or self.config.tpot_slo_ms
+            slack.append(float("inf") if slo_ms is None else slo_ms / 1e3 - (now - s.last_token_at) - 2 * self._step_s)
+        return torch.tensor(slack, device=self.model.device)
+
+    def _release_held(self) -> None:
+        """Tokens waiting in the buffer start over from layer 0 next step (their KV below the level
+        they waited at is recomputed, the same values): for changes of depth or slots."""
+        for s in self.scheduler.running:
+            if s.held_since is not None:
+                self.model.kv.level[s.slot, s.num_tokens - 1] = 0
+                s.held_since = None
 
     @torch.inference_mode()
     def next_token_logits(self, prefixes: list[list[int]]) -> torch.Tensor:
@@ -264,6 +308,7 @@ class LLMEngine:
         if not 1 <= depth <= self.num_layers:
             raise CheckpointError(f"depth {depth} outside 1..{self.num_layers}")
         old, capacity = self.depth, self._capacity_at(depth)
+        self._release_held()
         if capacity < self.capacity:  # before the new layers take the memory
             self._set_capacity(capacity)
         running = [s for s in self.scheduler.running if s.num_cached > 0]

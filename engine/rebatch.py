@@ -33,6 +33,8 @@ class LayerCost:
     # reading one cached token of one row in one layer by gather rather than as a view: a split
     # that breaks a contiguous run of slots makes every later layer gather the stayers' KV
     gather_per_token_s: float = 0.0
+    # the rest of a decode step, whatever its rows: the final norm and LM head over a full batch
+    step_fixed_s: float = 0.0
 
     def layer_s(self, rows: int) -> float:
         return self.layer_fixed_s + self.layer_per_row_s * rows
@@ -89,7 +91,8 @@ def _timed(fn, reps: int) -> float:
 
 @torch.inference_mode()
 def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
-    """Time one decode step of layer 0 and its KV fill at 1 and `max_rows` rows, and one regroup.
+    """Time one decode step of layer 0 and its KV fill at 1 and `max_rows` rows, one regroup, and the
+    LM head over `max_rows` rows.
 
     It writes KV at position 0 of the first slots; run it before any request is admitted.
     """
@@ -119,7 +122,8 @@ def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
     slots = torch.arange(big, device=dev)
     view = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, 0)], reps)
     gather = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, None)], reps)
+    head = _timed(lambda: model.logits(hb[:, 0]), reps)
     per_row = max(lb - l1, 0.0) / (big - 1)
     fill_per_row = max(fb - f1, 0.0) / (big - 1)
     return LayerCost(max(l1 - per_row, 0.0), per_row, max(f1 - fill_per_row, 0.0), fill_per_row, s,
-                     max(gather - view, 0.0) / (big * length))
+                     max(gather - view, 0.0) / (big * length), head)

@@ -9,6 +9,9 @@ layer's head. What happens to them next is the policy:
   its shape; done rows ride along, so their deeper KV is exact and nothing is saved on them.
 - `rebatch` (DREX): done rows leave when the planner predicts the smaller batch pays for the
   regroup and the leavers' KV fill; otherwise they ride along. Nobody is forced out.
+- `buffer` (DREX's rebatching buffer): `rebatch`, and when only a few rows continue past an exit
+  point, they may wait there for the next step's continuing rows (engine.buffer decides); such a
+  row comes back next step at that level, its token still to be decided.
 Under every policy the batch stops as soon as no row needs a deeper layer. Rows still present at
 the last loaded layer exit there: normally at full depth, a "greedy exit" when the stack is
 truncated and they never became confident.
@@ -29,11 +32,12 @@ from typing import Literal
 import torch
 
 from engine import deferred
+from engine.buffer import BufferPlanner
 from engine.exits import ExitBank
 from engine.model import BatchCtx, EEModel, run_start
 from engine.rebatch import RebatchPlanner
 
-ExitPolicy = Literal["full", "batch", "greedy", "rebatch"]
+ExitPolicy = Literal["full", "batch", "greedy", "rebatch", "buffer"]
 KVFill = Literal["deferred", "copy", "none"]
 
 
@@ -52,6 +56,7 @@ class StackOutput:
     row_layers: int = 0  # sum over layers run of rows in the batch: the compute actually spent
     splits: int = 0  # regroups done (rebatch)
     splits_skipped: int = 0  # regroups the planner judged not worth it (rebatch)
+    held: list[int] = field(default_factory=list)  # rows that wait in the buffer: no token this step
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
@@ -79,11 +84,18 @@ class _Rows:
 @torch.inference_mode()
 def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: BatchCtx, last_idx: torch.Tensor,
               is_prefill: bool, kv_fill: KVFill = "deferred", policy: ExitPolicy = "rebatch",
-              planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16) -> StackOutput:
+              planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16,
+              buffer: BufferPlanner | None = None, slack_s: torch.Tensor | None = None) -> StackOutput:
     # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T. Decode under
-    # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level
+    # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level.
+    # `buffer` (policy "buffer"): may hold the rows that continue past an exit point; `slack_s`: [b]
+    # how much longer each row's next token may take than one step (negative: never hold it)
     b, depth = len(last_idx), model.depth  # rows: sequences (a packed prefill holds them in one row of h)
-    columns = ctx.level is not None and h.shape[1] > 1
+    columns = ctx.level is not None and (h.shape[1] > 1 or bool(ctx.level.any()))
+    # the level each row's token starts at: above 0 for a token that waited in the buffer. Its exit
+    # points before that level were judged last step
+    tok_level = (ctx.level[torch.arange(b, device=h.device), last_idx] if columns
+                 else torch.zeros(b, dtype=torch.long, device=h.device))
     # rows whose pending tokens reached the cap go to the last layer: bounds a row's columns
     anchored = deferred.pending_counts(ctx) >= max_deferred if columns else None
     # each row's hidden state after its exit head; the vocabulary projection, memory-bound on the
@@ -114,28 +126,36 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             continue
         c = point.predictor(last, before)
         confident = c >= point.threshold
-        leave = confident & live
+        leave = confident & live & (tok_level <= i)
         if policy == "batch":
             n_live = int(live.sum())
             if int(leave.sum()) < max(1, quorum * n_live):
                 continue  # rows wait for the slowest
             leave = live.clone()
-        if not bool(leave.any()):
-            continue
-        idx = leave.nonzero().squeeze(1)
-        out[rows[idx]] = point.head(last[idx])
-        cpu_idx = rows[idx].cpu()
-        rec.layer[cpu_idx], rec.conf[cpu_idx] = i + 1, c[idx].float().cpu()
-        rec.involuntary[cpu_idx] = ~confident[idx].cpu()
-        live &= ~leave
-        if is_prefill:
+        if bool(leave.any()):
+            idx = leave.nonzero().squeeze(1)
+            out[rows[idx]] = point.head(last[idx])
+            cpu_idx = rows[idx].cpu()
+            rec.layer[cpu_idx], rec.conf[cpu_idx] = i + 1, c[idx].float().cpu()
+            rec.involuntary[cpu_idx] = ~confident[idx].cpu()
+            live &= ~leave
+        if buffer is not None and not is_prefill:
+            hold = _to_hold(buffer, live, anchored, tok_level, None if slack_s is None else slack_s[rows], b, i + 1,
+                            depth)
+            if hold is not None:  # they leave the stack like done rows, without a token
+                out[rows[hold]] = 0
+                rec.conf[rows[hold].cpu()] = 0.0
+                result.held += rows[hold].tolist()
+                live &= ~hold
+                leave = leave | hold
+        if is_prefill or not bool(leave.any()):
             continue
         stay = live if anchored is None else live | anchored
         n_stay = int(stay.sum())
         if n_stay == h.shape[0]:
             continue
         if n_stay:  # some rows could leave while others go on: a regroup
-            if policy != "rebatch":
+            if policy not in ("rebatch", "buffer"):
                 continue  # greedy and batch: done rows ride along
             loses_view = ctx.first_slot is not None and run_start(stay.nonzero().squeeze(1)) is None
             if planner is not None and not planner.decide(h.shape[0], h.shape[0] - n_stay, depth - i - 1,
@@ -149,6 +169,7 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             break
         keep = stay.nonzero().squeeze(1)
         h, ctx, rows, last_idx, live = h[keep], ctx.select(keep), rows[keep], last_idx[keep], live[keep]
+        tok_level = tok_level[keep]
         prev, anchored = prev[keep], None if anchored is None else anchored[keep]
     else:
         _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec, prev)
@@ -161,6 +182,19 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     result.exits = [RowExit(int(l), float(c), bool(g), bool(v))
                     for l, c, g, v in zip(rec.layer, rec.conf, rec.greedy, rec.involuntary)]
     return result
+
+
+def _to_hold(buffer: BufferPlanner, live, anchored, tok_level, slack_s, n: int, layer: int, depth: int):
+    """The rows to hold at exit point `layer`, or None. All continuing rows wait or none: if any row
+    goes deeper this step (one that waited already, one with too many pending tokens, one whose
+    deadline is near), the deeper layers run now anyway and the others ride that pass."""
+    deeper = live if anchored is None else live | anchored
+    hold = live & (tok_level == 0)  # a token waits at most once
+    if not bool(hold.any()) or bool((deeper & ~hold).any()):
+        return None
+    if slack_s is not None and bool((slack_s[hold] < 0).any()):
+        return None
+    return hold if buffer.decide(n, int(hold.sum()), layer, depth).hold else None
 
 
 def _lasts(h: torch.Tensor, last_idx: torch.Tensor, ctx: BatchCtx) -> torch.Tensor:

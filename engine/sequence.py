@@ -34,6 +34,10 @@ class Sequence:
     # far too) and how many of them have their KV cached. Set when the sequence gets a slot
     prefill_len: int = 0
     prefilled: int = 0
+    # the rebatching buffer (engine.buffer): when the newest token waits at an exit point for the next
+    # step's rows, since when (perf_counter); its state stays in the cache (KVCache.level, top_hidden)
+    held_since: float | None = None
+    last_token_at: float = 0.0  # perf_counter when the latest token was produced
 
     @property
     def num_tokens(self) -> int:
@@ -77,6 +81,7 @@ class ExitRecord:
     model: str  # candidate name
     loaded_depth: int  # decoder layers resident when the token was produced
     involuntary: bool = False  # forced out by its batch before its own predictor was confident
+    held_s: float = 0.0  # time the token waited in the rebatching buffer (engine.buffer)
 
     @property
     def breach(self) -> bool:
