@@ -84,6 +84,11 @@ class EngineConfig(BaseModel):
         "rebatching buffer): rebatch, and the rows that continue past an exit point may wait there for the "
         "next step's, so the deeper layers run once for both, when that is cheaper per token (needs "
         "kv_fill='deferred').")
+    exit_gate: bool = Field(
+        True, description="Check an exit point in a decode step only when it can pay: the chance that the "
+        "whole batch has its tokens there (measured every 16th step) times the layers it would skip outweighs "
+        "the check's cost (engine.exit_gate). Rows then take a deeper exit's or the full model's token. False: "
+        "check every point with a threshold.")
     tpot_slo_ms: float | None = Field(
         None, gt=0, description="Time-per-output-token target of every request (a request may set its own): "
         "the `buffer` policy holds a row only when its next token still comes within it. None: no target.")

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from engine import deferred
 from engine.buffer import BufferPlanner
 from engine.config import EngineConfig, SamplingParams, unicode_problem
+from engine.exit_gate import ExitGate, measure_check
 from engine.exits import ExitBank
 from engine.memory import MemoryModel, budget_bytes
 from engine.model import EEModel
@@ -62,6 +63,7 @@ class EngineStats:
     splits_skipped: int = 0
     preempted: int = 0  # sequences sent back to waiting when a deeper stack left room for fewer
     held: int = 0  # tokens that waited one step in the rebatching buffer (`buffer` policy)
+    checks_skipped: int = 0  # exit checks the exit gate left out because they could not pay
 
 
 @dataclass(slots=True)
@@ -106,8 +108,11 @@ class LLMEngine:
         # With one slot, or no exits, there is never a batch to split.
         splits = config.exit_policy in ("rebatch", "buffer") and self.exits is not None and kv.num_slots > 1
         self._defers = config.kv_fill == "deferred" and self.exits is not None
-        cost = measure_cost(self.model, kv.num_slots) if splits else None
+        gated = config.exit_gate and self.exits is not None and config.exit_policy != "full"
+        cost = measure_cost(self.model, kv.num_slots) if splits or gated else None
         self.planner = RebatchPlanner(cost, deferred=self._defers) if splits else None
+        self.gate = (ExitGate(cost, measure_check(self.exits, self.model.hidden_size, kv.num_slots, self.model.device,
+                                                  self.dtype), config.kv_fill) if gated else None)
         self.buffer = (BufferPlanner(cost, cost.step_fixed_s)
                        if splits and config.exit_policy == "buffer" and self._defers else None)
         # recent decode step time (EWMA): how long a held row's wait will last; until measured, a full
@@ -197,17 +202,21 @@ class LLMEngine:
         h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
         cfg = self.config
         slack = None if is_prefill or self.buffer is None else self._slack(work, start)
+        checked = None if is_prefill or self.gate is None else self._gated_checks(len(work))
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
-                          self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer, slack)
+                          self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer, slack, checked)
+        if checked:
+            self.gate.observe(checked, stack.confident_at)
         rows = list(range(len(work)))
         if is_prefill:  # only a chunk that ends its prompt yields a token
             for c in work:
                 c.seq.prefilled += c.length
             rows = [r for r, c in enumerate(work) if c.completes]
         elif stack.held:  # rows waiting in the buffer: their tokens come next step
-            for r in stack.held:
+            held = set(stack.held)
+            for r in held:
                 work[r].held_since = start
-            rows = [r for r in rows if r not in set(stack.held)]
+            rows = [r for r in rows if r not in held]
         seqs = [work[r].seq for r in rows] if is_prefill else [work[r] for r in rows]
         exits = [stack.exits[r] for r in rows]
         tokens = sample(stack.logits[rows], seqs) if seqs else []
@@ -226,6 +235,7 @@ class LLMEngine:
         st.greedy_exits += sum(e.greedy for e in exits)
         st.involuntary_exits += sum(e.involuntary for e in exits)
         st.held += len(stack.held)
+        st.checks_skipped = self.gate.skipped if self.gate is not None else 0
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
@@ -258,6 +268,11 @@ class LLMEngine:
                 columns[fresh, :1] = h[fresh]
                 h = columns
         return h, self.model.make_ctx(slots, positions, level), last_idx
+
+    def _gated_checks(self, rows: int) -> set[int]:
+        """The exit points worth checking in a decode step of `rows` rows (engine.exit_gate)."""
+        points = [l for l, p in self.exits.points.items() if l < self.depth and p.threshold <= 1.0]
+        return self.gate.plan(points, rows, self.depth)
 
     def _slack(self, seqs: list[Sequence], now: float) -> torch.Tensor:
         """[b] seconds each row's next token could still wait if held one step (a held token comes at

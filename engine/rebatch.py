@@ -91,15 +91,13 @@ def _timed(fn, reps: int) -> float:
 
 @torch.inference_mode()
 def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
-    """Time one decode step of layer 0 and its KV fill at 1 and `max_rows` rows, one regroup, and the
-    LM head over `max_rows` rows.
+    """Time one decode step of layer 0 and its KV fill at 1 and `max_rows` rows (1 or more), one
+    regroup, and the LM head over `max_rows` rows.
 
     It writes KV at position 0 of the first slots; run it before any request is admitted.
     """
-    if max_rows < 2:
-        raise ValueError(f"measure_cost needs at least 2 rows to price a split, got {max_rows}")
     dev = model.device
-    big = max_rows
+    big = max(max_rows, 1)
 
     def setup(rows):
         slots = torch.arange(rows, device=dev)
@@ -123,7 +121,7 @@ def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
     view = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, 0)], reps)
     gather = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, None)], reps)
     head = _timed(lambda: model.logits(hb[:, 0]), reps)
-    per_row = max(lb - l1, 0.0) / (big - 1)
-    fill_per_row = max(fb - f1, 0.0) / (big - 1)
+    per_row = max(lb - l1, 0.0) / (big - 1) if big > 1 else 0.0  # one slot: no per-row term to tell apart
+    fill_per_row = max(fb - f1, 0.0) / (big - 1) if big > 1 else 0.0
     return LayerCost(max(l1 - per_row, 0.0), per_row, max(f1 - fill_per_row, 0.0), fill_per_row, s,
                      max(gather - view, 0.0) / (big * length), head)

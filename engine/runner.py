@@ -12,9 +12,10 @@ layer's head. What happens to them next is the policy:
 - `buffer` (DREX's rebatching buffer): `rebatch`, and when only a few rows continue past an exit
   point, they may wait there for the next step's continuing rows (engine.buffer decides); such a
   row comes back next step at that level, its token still to be decided.
-Under every policy the batch stops as soon as no row needs a deeper layer. Rows still present at
-the last loaded layer exit there: normally at full depth, a "greedy exit" when the stack is
-truncated and they never became confident.
+Only the exit points the engine's exit gate finds worth checking at this batch size are checked
+(`checked`; engine.exit_gate). Under every policy the batch stops as soon as no row needs a deeper
+layer. Rows still present at the last loaded layer exit there: normally at full depth, a "greedy
+exit" when the stack is truncated and they never became confident.
 
 Rows that leave early miss the KV of the layers they skip; `kv_fill` says how it is made up:
 `deferred` (exact, in a later step: engine.deferred), `copy` (state copy now: approximate) or
@@ -33,6 +34,7 @@ import torch
 
 from engine import deferred
 from engine.buffer import BufferPlanner
+from engine.exit_gate import NEVER
 from engine.exits import ExitBank
 from engine.model import BatchCtx, EEModel, run_start
 from engine.rebatch import RebatchPlanner
@@ -57,6 +59,9 @@ class StackOutput:
     splits: int = 0  # regroups done (rebatch)
     splits_skipped: int = 0  # regroups the planner judged not worth it (rebatch)
     held: list[int] = field(default_factory=list)  # rows that wait in the buffer: no token this step
+    # per row, the first exit point whose check it passed (exit_gate.NEVER if none): what the exit
+    # gate learns from on the steps that check every point
+    confident_at: list[int] = field(default_factory=list)
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
@@ -85,11 +90,13 @@ class _Rows:
 def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: BatchCtx, last_idx: torch.Tensor,
               is_prefill: bool, kv_fill: KVFill = "deferred", policy: ExitPolicy = "rebatch",
               planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16,
-              buffer: BufferPlanner | None = None, slack_s: torch.Tensor | None = None) -> StackOutput:
+              buffer: BufferPlanner | None = None, slack_s: torch.Tensor | None = None,
+              checked: set[int] | None = None) -> StackOutput:
     # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T. Decode under
     # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level.
     # `buffer` (policy "buffer"): may hold the rows that continue past an exit point; `slack_s`: [b]
-    # how much longer each row's next token may take than one step (negative: never hold it)
+    # how much longer each row's next token may take than one step (negative: never hold it);
+    # `checked`: the exit points to check (engine.exit_gate), None for every one
     b, depth = len(last_idx), model.depth  # rows: sequences (a packed prefill holds them in one row of h)
     columns = ctx.level is not None and (h.shape[1] > 1 or bool(ctx.level.any()))
     # the level each row's token starts at: above 0 for a token that waited in the buffer. Its exit
@@ -105,9 +112,10 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     result = StackOutput(out, [])
     rows = torch.arange(b, device=h.device)  # original index of each row still in the batch
     live = torch.ones(b, dtype=torch.bool, device=h.device)  # rows without a token yet
-    refs = set() if bank is None else set(bank.reference_layers)
     checks = {} if policy == "full" or bank is None else {
-        l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0}
+        l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0 and (checked is None or l in checked)}
+    refs = _states_needed(bank, checks, depth, model.num_layers_total)
+    first_conf = torch.full((b,), NEVER, dtype=torch.long, device=h.device)
     # each row's state at the previous exit layer (the embeddings before the first): the predictor
     # reads how far it moved
     prev = _lasts(h, last_idx, ctx)
@@ -126,7 +134,9 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             continue
         c = point.predictor(last, before)
         confident = c >= point.threshold
-        leave = confident & live & (tok_level <= i)
+        started = confident & (tok_level <= i)
+        first_conf[rows[started]] = torch.clamp(first_conf[rows[started]], max=i + 1)
+        leave = started & live
         if policy == "batch":
             n_live = int(live.sum())
             if int(leave.sum()) < max(1, quorum * n_live):
@@ -179,9 +189,26 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     if bool(final_head.any()):  # left through the model's own head: no predictor, use its max probability
         rec.conf[final_head] = _max_prob(logits[final_head.to(logits.device)]).float().cpu()
     result.logits = logits
+    result.confident_at = first_conf.tolist()
     result.exits = [RowExit(int(l), float(c), bool(g), bool(v))
                     for l, c, g, v in zip(rec.layer, rec.conf, rec.greedy, rec.involuntary)]
     return result
+
+
+def _states_needed(bank: ExitBank | None, checks: dict, depth: int, total: int) -> set[int]:
+    """Exit layers whose states the checks read: each checked layer and the one before it (the
+    predictor reads how far the state moved since the previous exit layer); for a truncated stack
+    also the one before the last loaded layer, whose exit is judged at the end."""
+    if bank is None:
+        return set()
+    refs = sorted(bank.reference_layers)
+    judged = list(checks) + ([depth] if depth < total else [])
+    needed = set(checks)
+    for l in judged:
+        before = [r for r in refs if r < l]
+        if before:
+            needed.add(before[-1])
+    return needed
 
 
 def _to_hold(buffer: BufferPlanner, live, anchored, tok_level, slack_s, n: int, layer: int, depth: int):

@@ -31,7 +31,8 @@ def _serve_and_judge(engine, judge, prompts):
 
 def test_a_shift_to_chat_trips_the_tuner_and_agreement_recovers(smollm2, tmp_path):
     home = shipped_only(smollm2.home, tmp_path)  # the heads the package ships, not a test-sized calibration
-    engine = LLMEngine(EngineConfig(model="smollm2", home=home, max_batch_size=BATCH))
+    # every point checked: the tuner's loop is under test, not which checks pay at this batch
+    engine = LLMEngine(EngineConfig(model="smollm2", home=home, max_batch_size=BATCH, exit_gate=False))
     # thresholds well under calibration's: what code tolerates, chat will not
     engine.exits.set_thresholds({l: 0.6 for l in engine.exits.layers})
     judge = LLMEngine(EngineConfig(model="smollm2", home=home, exits=False, max_batch_size=BATCH))

@@ -13,22 +13,24 @@ def test_short_benchmark_writes_its_table_and_plots(smollm2_calibrated, tmp_path
     ref, _ = smollm2_calibrated
     assert main(["bench", "--short", "--home", str(ref.home), "--out", str(tmp_path), "--name", "short"]) == 0
     rows = json.loads((tmp_path / "short.json").read_text())["rows"]
-    systems = {"transformers generate", "engine full depth", "batch", "rebatch", "rebatch, state copy", "HELIOS",
-               "HELIOS + rebatch"}
+    systems = {"transformers generate", "engine full depth", "batch", "rebatch", "rebatch + buffer",
+               "rebatch, state copy", "HELIOS", "HELIOS + rebatch"}
     if llamacpp.available():  # an optional peer: in the run wherever it is installed
         systems.add("llama.cpp")
     assert {(r["system"], r["workload"]) for r in rows} == {(s, w) for s in systems
                                                             for w in ("humaneval", "chat", "drift")}
     for r in rows:
         assert r["tok_s"] > 0 and 0 <= r["agreement"] <= 1 and r["batch"] == 2
-        if r["system"] in ("rebatch", "rebatch, state copy"):
+        if r["system"] in ("rebatch", "rebatch + buffer", "rebatch, state copy"):
             assert r["kv_fill"] == ("copy" if "copy" in r["system"] else "deferred")
+        if r["system"] != "rebatch + buffer":
+            assert r["held"] == 0
         if r["system"] == "engine full depth":
             assert r["agreement"] == 1 and r["mean_exit_layer"] == 30
             # the transformers judge agrees with our full-depth engine, so it is judging tokens, not noise
             assert r["token_agreement"] >= 0.95
         assert 0 <= r["token_agreement"] <= 1
-        if r["system"] in ("rebatch", "batch", "HELIOS + rebatch"):
+        if r["system"] in ("rebatch", "rebatch + buffer", "batch", "HELIOS + rebatch"):
             assert r["involuntary"] == 0
         if r["system"].startswith("HELIOS"):
             assert r["decisions"] >= 1  # at least the selection after profiling

@@ -35,8 +35,9 @@ def test_art_holds_few_continuing_rows_where_a_layer_costs_its_weight_reads():
 
 
 def _engine(ref, **kw):
+    # every point checked, so runs with and without the buffer see the same checks
     return LLMEngine(EngineConfig(model="smollm2", home=ref.home, exit_policy="buffer", max_batch_size=4,
-                                  thresholds=MIXED, **kw))
+                                  thresholds=MIXED, exit_gate=False, **kw))
 
 
 def _run(engine, params):

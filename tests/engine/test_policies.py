@@ -14,8 +14,10 @@ NEVER = LayerCost(1.0, 0.0, 1.0, 0.0, 1.0)
 
 
 def _engine(ref, policy, thresholds, planner=None, **kw):
+    # every point checked: these tests are about what each policy does with a check (engine.exit_gate
+    # leaves out checks that cannot pay, from measured timings; tests/engine/test_exit_gate.py)
     engine = LLMEngine(EngineConfig(model="smollm2", home=ref.home, exit_policy=policy, max_batch_size=4,
-                                    thresholds=thresholds, **kw))
+                                    thresholds=thresholds, exit_gate=False, **kw))
     if planner is not None:
         engine.planner = RebatchPlanner(planner)
     return engine

@@ -1,0 +1,100 @@
+"""Which exit points are worth checking in a decode step: an exit that cannot pay is not tried.
+
+A check costs the same whether or not anyone leaves (the predictor over the batch, a gather, a
+comparison), and what it can buy depends on the batch: a decode step is bound by reading the
+weights, so rows that leave while others go on save next to nothing; the layers are saved only
+when the whole batch has its tokens. With `n` rows that each have their token by layer l with
+probability R_l, the batch stops there with probability about R_l ** n (an upper bound when rows
+differ), and saves the layers after l: at the deferred fill only their fixed part, since the
+leavers' deeper KV is still computed, riding a later step. A point is checked when
+
+    R_l ** n * (depth - l) * saved_per_layer(n)  >  check_s
+
+so at batch 1 the checks that pay stay, and at batch 8 most points are skipped: their rows take
+the token of a deeper exit or of the full model, which is also the better token. Every
+`explore_every`-th decode step checks every point, and the share of rows confident by each layer
+(R_l) is measured at the points each step checks, decayed so the estimate follows the workload.
+
+Plain Python over a measured cost model, testable without a model.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from engine.rebatch import LayerCost
+
+# a row never confident in the step counts as confident past every layer
+NEVER = 1 << 30
+
+
+@dataclass
+class ExitGate:
+    cost: LayerCost
+    check_s: float  # one exit check over a full batch
+    kv_fill: Literal["deferred", "copy", "none"] = "deferred"
+    explore_every: int = 16
+    decay: float = 0.97  # weight of past steps in R_l per step observed, so R_l follows the workload
+    steps: int = 0
+    skipped: int = 0  # checks not run because they could not pay
+    _hits: dict[int, float] = field(default_factory=dict)  # decayed rows confident by l
+    _seen: dict[int, float] = field(default_factory=dict)  # decayed rows observed at l
+
+    def confident_by(self, layer: int) -> float:
+        """R_l, with one pseudo-row either way: a point never observed is checked."""
+        return (self._hits.get(layer, 0.0) + 1) / (self._seen.get(layer, 0.0) + 2)
+
+    def saved_per_layer_s(self, rows: int) -> float:
+        """What one layer the batch does not run saves, net of the KV its tokens still need."""
+        c = self.cost
+        if self.kv_fill == "deferred":  # the per-row work moves to a later step's weight read
+            return c.layer_fixed_s
+        if self.kv_fill == "copy":
+            return max(c.layer_s(rows) - c.fill_s(rows), 0.0)
+        return c.layer_s(rows)
+
+    def pays(self, layer: int, rows: int, depth: int) -> bool:
+        return self.confident_by(layer) ** rows * (depth - layer) * self.saved_per_layer_s(rows) > self.check_s
+
+    def plan(self, candidates: list[int], rows: int, depth: int) -> set[int]:
+        """The exit points (1-based layers) to check in this step."""
+        self.steps += 1
+        if (self.steps - 1) % self.explore_every == 0:
+            return set(candidates)
+        keep = {l for l in candidates if self.pays(l, rows, depth)}
+        self.skipped += len(candidates) - len(keep)
+        return keep
+
+    def observe(self, checked: set[int], confident_at: list[int]) -> None:
+        """A step's outcome at the points it checked: per row, the first layer whose check it passed
+        (NEVER if none). A row confident at a skipped shallower point and not at a checked one counts
+        as not confident there: the estimate errs towards skipping less."""
+        if not confident_at:
+            return
+        for l in checked:
+            hits = sum(c <= l for c in confident_at)
+            self._hits[l] = self.decay * self._hits.get(l, 0.0) + hits
+            self._seen[l] = self.decay * self._seen.get(l, 0.0) + len(confident_at)
+
+
+@torch.inference_mode()
+def measure_check(bank, hidden: int, rows: int, device, dtype, reps: int = 20) -> float:
+    """Seconds for one exit check over `rows` rows: the predictor, the comparison and the test for
+    anyone leaving, plus the two state gathers it reads."""
+    point = next(iter(bank.points.values()))
+    h = torch.randn(rows, 2, hidden, device=device, dtype=dtype)
+    idx = torch.zeros(rows, dtype=torch.long, device=device)
+    arange = torch.arange(rows, device=device)
+
+    def check():
+        last, prev = h[arange, idx], h[arange, idx + 1]
+        return bool((point.predictor(last, prev) >= point.threshold).any())
+
+    check()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        check()
+    return (time.perf_counter() - t0) / reps

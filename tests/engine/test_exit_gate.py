@@ -1,0 +1,72 @@
+"""The exit gate: an exit point is checked in a step only when the batch could leave there often
+enough to pay for the check."""
+import math
+
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.exit_gate import NEVER, ExitGate
+from engine.rebatch import LayerCost
+from tests.conftest import PROMPTS
+
+COST = LayerCost(layer_fixed_s=1e-3, layer_per_row_s=1e-4, fill_fixed_s=5e-4, fill_per_row_s=0.0, split_s=0.0)
+
+
+def _gate(check_s=2e-4, **kw):
+    return ExitGate(COST, check_s, **kw)
+
+
+def test_a_point_is_checked_while_the_whole_batch_leaving_there_pays_for_the_check():
+    gate = _gate()
+    points = [12, 28]
+    assert gate.plan(points, rows=8, depth=30) == {12, 28}  # the first step explores
+    # 3 of 4 rows confident by 28, 1 of 4 by 12, over many steps
+    for _ in range(50):
+        gate.observe({12, 28}, [12, 28, 28, NEVER])
+    assert 0.24 < gate.confident_by(12) < 0.27 and 0.73 < gate.confident_by(28) < 0.76
+    # batch 1: 0.25 * 18 layers * 1 ms and 0.75 * 2 * 1 ms both beat a 0.2 ms check
+    assert gate.plan(points, rows=1, depth=30) == {12, 28}
+    # batch 8: 0.25**8 and 0.75**8 make the layers after either point a poor bet
+    skipped = gate.skipped
+    assert gate.plan(points, rows=8, depth=30) == set() and gate.skipped == skipped + 2
+    # batch 4 with the 28 point's 0.75**4 * 2 ms = 0.63 ms: worth it; 12's 0.004 * 18 ms: not
+    assert gate.plan(points, rows=4, depth=30) == {28}
+
+
+def test_every_sixteenth_step_explores_and_an_unseen_point_is_checked():
+    gate = _gate(explore_every=16)
+    for _ in range(200):
+        gate.observe({20}, [NEVER] * 8)
+    plans = [gate.plan([20], rows=8, depth=30) for _ in range(32)]
+    assert [i for i, p in enumerate(plans) if p] == [0, 16]
+    assert math.isclose(gate.confident_by(14), 0.5)  # never observed: checked while it could pay
+    assert 14 in gate.plan([14, 20], rows=1, depth=30)
+
+
+def test_the_saving_of_a_layer_is_net_of_the_kv_its_tokens_still_need():
+    assert _gate(kv_fill="deferred").saved_per_layer_s(8) == COST.layer_fixed_s  # rows' KV rides a later step
+    assert _gate(kv_fill="none").saved_per_layer_s(8) == COST.layer_s(8)
+    assert _gate(kv_fill="copy").saved_per_layer_s(8) == COST.layer_s(8) - COST.fill_s(8)
+
+
+def test_a_gate_that_checks_nothing_serves_full_depth_tokens_and_one_that_checks_all_changes_nothing(
+        smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    engine = LLMEngine(EngineConfig(model="smollm2", home=ref.home, max_batch_size=4,
+                                    thresholds={l: 0.6 for l in range(2, 30, 2)}))
+    params = SamplingParams(max_tokens=10, ignore_eos=True)
+    gate = engine.gate
+    assert gate is not None and gate.check_s > 0 and gate.cost.layer_fixed_s > 0  # measured at start-up
+
+    def run():
+        results = engine.generate(PROMPTS, params)
+        return [r.token_ids for r in results], [e.layer for r in results for e in r.exits]
+
+    engine.gate = None
+    ungated, ungated_layers = run()
+    assert min(ungated_layers) < 30
+    engine.gate, gate.check_s = gate, 0.0  # every check pays
+    assert run() == (ungated, ungated_layers) and gate.skipped == 0
+    gate.check_s, gate.explore_every = math.inf, 10**9  # no check pays, and none explores
+    results = engine.generate(PROMPTS, params)
+    assert gate.skipped > 0 and engine.stats.checks_skipped == gate.skipped
+    # the prefill's first token is checked as ever; every decode step runs the full stack
+    assert all(e.layer == 30 for r in results for e in r.exits[1:])
