@@ -15,6 +15,7 @@ import os
 import random
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
 import ray
@@ -24,6 +25,7 @@ from ray import serve
 
 from controller.actor import STATE, depth_field
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
+from engine.protocol import Engine
 from telemetry.metrics import ServerMetrics
 from telemetry.schema import TelemetryConfig
 from telemetry.writer import TelemetryWriter
@@ -83,7 +85,10 @@ class Chunk:
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ModelServer:
-    def __init__(self, candidate: dict, telemetry: dict, verifier=None):
+    def __init__(self, candidate: dict, telemetry: dict, verifier=None,
+                 engine_cls: Callable[[EngineConfig], Engine] = LLMEngine):
+        # engine_cls: the real LLMEngine, or any engine of the same shape (engine.protocol): a
+        # scripted one runs this class in fast tests, with no model and no Ray
         cfg = CandidateConfig.model_validate(candidate)
         self.name = cfg.name
         self.verifier, self.shadow_rate = verifier, cfg.shadow_rate if verifier is not None else 0.0
@@ -91,7 +96,7 @@ class ModelServer:
         # recent verifier calls stay referenced here: nothing awaits them, and a dropped response
         # object must not take its request with it
         self._in_flight_checks: collections.deque = collections.deque(maxlen=256)
-        self.engine = LLMEngine(cfg.engine)
+        self.engine: Engine = engine_cls(cfg.engine)
         self.writer = TelemetryWriter(self.name, TelemetryConfig.model_validate(telemetry))
         self.metrics = ServerMetrics(self.name, self.engine.num_layers)
         self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
@@ -209,9 +214,10 @@ class ModelServer:
     def stats(self) -> dict:
         mem = self.engine.memory_bytes()
         exits = self.engine.exits
+        waiting, running = self.engine.queue_lengths()
         return {"candidate": self.name, "node_id": ray.get_runtime_context().get_node_id(),
                 "depth": self.engine.depth, "num_layers": self.engine.num_layers,
-                "running": len(self.engine.scheduler.running), "waiting": len(self.engine.scheduler.waiting),
+                "running": running, "waiting": waiting,
                 "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
                 "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
                 "calibration": exits.meta if exits else None, "thresholds": self._thresholds(),
@@ -268,8 +274,7 @@ class ModelServer:
         t = time.perf_counter()
         out = self.engine.step()
         self.writer.record(out.exits, time.perf_counter() - t)
-        sched = self.engine.scheduler
-        self.metrics.step(out.exits, self.engine.depth, len(sched.waiting), len(sched.running), self.engine.capacity)
+        self.metrics.step(out.exits, self.engine.depth, *self.engine.queue_lengths(), self.engine.capacity)
         return out
 
     def _step_forever(self, loop: asyncio.AbstractEventLoop) -> None:

@@ -87,8 +87,9 @@ class EngineConfig(BaseModel):
     exit_gate: bool = Field(
         True, description="Check an exit point in a decode step only when it can pay: the chance that the "
         "whole batch has its tokens there (measured every 16th step) times the layers it would skip outweighs "
-        "the check's cost (engine.exit_gate). Rows then take a deeper exit's or the full model's token. False: "
-        "check every point with a threshold.")
+        "the check's cost, or (`buffer` policy) the rows expected to continue there are few enough to hold "
+        "(engine.exit_gate). Rows then take a deeper exit's or the full model's token. False: check every point "
+        "with a threshold.")
     tpot_slo_ms: float | None = Field(
         None, gt=0, description="Time-per-output-token target of every request (a request may set its own): "
         "the `buffer` policy holds a row only when its next token still comes within it. None: no target.")

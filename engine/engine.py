@@ -111,10 +111,10 @@ class LLMEngine:
         gated = config.exit_gate and self.exits is not None and config.exit_policy != "full"
         cost = measure_cost(self.model, kv.num_slots) if splits or gated else None
         self.planner = RebatchPlanner(cost, deferred=self._defers) if splits else None
-        self.gate = (ExitGate(cost, measure_check(self.exits, self.model.hidden_size, kv.num_slots, self.model.device,
-                                                  self.dtype), config.kv_fill) if gated else None)
         self.buffer = (BufferPlanner(cost, cost.step_fixed_s)
                        if splits and config.exit_policy == "buffer" and self._defers else None)
+        self.gate = (ExitGate(cost, measure_check(self.exits, self.model.hidden_size, kv.num_slots, self.model.device,
+                                                  self.dtype), config.kv_fill, self.buffer) if gated else None)
         # recent decode step time (EWMA): how long a held row's wait will last; until measured, a full
         # batch through every layer as the cost model prices it
         self._step_s = cost.step_fixed_s + self.depth * cost.layer_s(kv.num_slots) if cost else 0.0
@@ -183,6 +183,10 @@ class LLMEngine:
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished()
+
+    def queue_lengths(self) -> tuple[int, int]:
+        """(waiting, running) requests; reading two lengths is safe from any thread."""
+        return len(self.scheduler.waiting), len(self.scheduler.running)
 
     def step(self) -> StepOutput:
         """One prefill or decode step. If it fails, only the requests it touched fail: each gets a

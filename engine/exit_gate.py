@@ -11,7 +11,9 @@ leavers' deeper KV is still computed, riding a later step. A point is checked wh
     R_l ** n * (depth - l) * saved_per_layer(n)  >  check_s
 
 so at batch 1 the checks that pay stay, and at batch 8 most points are skipped: their rows take
-the token of a deeper exit or of the full model, which is also the better token. Every
+the token of a deeper exit or of the full model, which is also the better token. Under the
+`buffer` policy a point is also checked where the rows expected to continue (n (1 - R_l)) are few
+enough for the buffer to hold them (engine.buffer). Every
 `explore_every`-th decode step checks every point, and the share of rows confident by each layer
 (R_l) is measured at the points each step checks, decayed so the estimate follows the workload.
 
@@ -25,6 +27,7 @@ from typing import Literal
 
 import torch
 
+from engine.buffer import BufferPlanner
 from engine.rebatch import LayerCost
 
 # a row never confident in the step counts as confident past every layer
@@ -36,6 +39,9 @@ class ExitGate:
     cost: LayerCost
     check_s: float  # one exit check over a full batch
     kv_fill: Literal["deferred", "copy", "none"] = "deferred"
+    # under the `buffer` policy a point also pays when the rows expected to continue there are few
+    # enough for the buffer to hold them
+    buffer: BufferPlanner | None = None
     explore_every: int = 16
     decay: float = 0.97  # weight of past steps in R_l per step observed, so R_l follows the workload
     steps: int = 0
@@ -57,7 +63,12 @@ class ExitGate:
         return c.layer_s(rows)
 
     def pays(self, layer: int, rows: int, depth: int) -> bool:
-        return self.confident_by(layer) ** rows * (depth - layer) * self.saved_per_layer_s(rows) > self.check_s
+        r = self.confident_by(layer)
+        if r ** rows * (depth - layer) * self.saved_per_layer_s(rows) > self.check_s:
+            return True
+        continuing = round(rows * (1 - r))
+        return self.buffer is not None and 0 < continuing < rows and self.buffer.decide(rows, continuing, layer,
+                                                                                          depth).hold
 
     def plan(self, candidates: list[int], rows: int, depth: int) -> set[int]:
         """The exit points (1-based layers) to check in this step."""

@@ -70,3 +70,18 @@ def test_a_gate_that_checks_nothing_serves_full_depth_tokens_and_one_that_checks
     assert gate.skipped > 0 and engine.stats.checks_skipped == gate.skipped
     # the prefill's first token is checked as ever; every decode step runs the full stack
     assert all(e.layer == 30 for r in results for e in r.exits[1:])
+
+
+def test_under_the_buffer_a_point_is_also_checked_where_few_rows_are_expected_to_continue():
+    from engine.buffer import BufferPlanner, HoldDecision
+
+    class HoldsOne(BufferPlanner):
+        def decide(self, rows, continuing, layer, depth):
+            return HoldDecision(continuing == 1, 0.0, 1.0)
+
+    gate = _gate(check_s=1.0, buffer=HoldsOne(COST))  # the batch leaving never pays for such a check
+    for _ in range(50):
+        gate.observe({12, 20}, [12] * 7 + [NEVER])  # 7 of 8 rows by 12: one expected to continue
+    gate.steps = 1  # past the exploring step
+    assert gate.plan([12], rows=8, depth=30) == {12}
+    assert _gate(check_s=1.0).plan([12], rows=8, depth=30) == {12}  # (its own first step explores)

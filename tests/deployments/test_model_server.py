@@ -1,0 +1,109 @@
+"""The model server over a scripted engine (no model, no Ray cluster): streaming, stop-string
+hold-back, aborts, failures and refusals, in seconds. The cluster tests run the same class for real."""
+import asyncio
+import time
+from functools import partial
+
+import pytest
+
+from deployments.model_server import ModelServer, StepFailed
+from engine import RequestError
+from tests.deployments.scripted_engine import ScriptedEngine
+
+
+def _server(redis_url, chat=True, **script):
+    candidate = {"name": "scripted", "engine": {"max_batch_size": 4, "max_model_len": 256}, "shadow_rate": 0}
+    server = ModelServer.func_or_class(candidate, {"redis_url": redis_url},
+                                       engine_cls=partial(ScriptedEngine, **script))
+    if not chat:
+        server.engine.tokenizer.chat_template = None
+    return server
+
+
+def _run(coro):
+    """One event loop per server, as in a replica: its step thread hands outputs to that loop."""
+    return asyncio.run(asyncio.wait_for(coro, 30))
+
+
+async def _collect(server, request):
+    return [c async for c in server.generate(request)]
+
+
+def test_a_stream_never_shows_text_that_a_stop_string_later_cuts(redis_url):
+    # "\nE" could begin "\nEND" twice before the real one: the client must never see it
+    server = _server(redis_url, reply=lambda p: "a\nEx b\nEy c\nEND and more")
+    chunks = _run(_collect(server, {"prompt": "go", "params": {"max_tokens": 40, "stop": ["\nEND"]}}))
+    final = "a\nEx b\nEy c"
+    shown = ""
+    for c in chunks:
+        shown += c.text
+        assert final.startswith(shown), shown
+    assert shown == final and chunks[-1].finish_reason == "stop" and chunks[-1].finished
+    # usage: the prompt's tokens and every token generated, the cut stop string's included
+    assert chunks[-1].prompt_tokens == 2 and chunks[-1].completion_tokens == len(final) + len("\nEND")
+    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].completion_tokens
+    assert all(layer == 4 for c in chunks for layer in c.exit_layers) and chunks[-1].candidate == "scripted"
+
+
+def test_max_tokens_ends_a_stream_with_length_and_chat_messages_use_the_template(redis_url):
+    server = _server(redis_url)
+
+    async def both():
+        return await asyncio.gather(
+            _collect(server, {"messages": [{"role": "user", "content": "hi"}], "params": {"max_tokens": 12}}),
+            _collect(server, {"prompt": "ok", "params": {"max_tokens": 100}}))
+
+    chat, plain = _run(both())
+    assert "".join(c.text for c in chat) == "You said: <u" and chat[-1].finish_reason == "length"
+    assert "".join(c.text for c in plain) == "You said: ok" and plain[-1].finish_reason == "stop"  # end of sequence
+
+
+def test_a_client_that_goes_away_frees_its_slot_at_once(redis_url):
+    server = _server(redis_url, reply=lambda p: "x" * 200, step_s=0.01)
+
+    async def leave_early():
+        gen = server.generate({"prompt": "go", "params": {"max_tokens": 200}})
+        for _ in range(3):
+            await gen.__anext__()
+        assert server.engine.queue_lengths() == (0, 1)
+        await gen.aclose()  # what Serve does when the HTTP client disconnects
+        t0 = time.monotonic()
+        while server.engine.queue_lengths() != (0, 0):
+            await asyncio.sleep(0.005)
+        return time.monotonic() - t0
+
+    assert _run(leave_early()) < 1.0
+    assert server.engine.stats.tokens < 50  # it stopped generating for nobody
+
+
+def test_a_failing_step_fails_its_requests_and_the_server_goes_on(redis_url):
+    server = _server(redis_url, reply=lambda p: "ok!" if p == "bad" else f"fine {p}")
+
+    async def scenario():
+        with pytest.raises(StepFailed, match="scripted failure"):
+            await _collect(server, {"prompt": "bad", "params": {"max_tokens": 10}})
+        later = await _collect(server, {"prompt": "good", "params": {"max_tokens": 30}})
+        return "".join(c.text for c in later)
+
+    assert _run(scenario()) == "fine good"
+    server.check_health()  # the step thread lives on
+    assert server.engine.queue_lengths() == (0, 0)
+
+
+def test_bad_requests_are_refused_naming_the_field_before_any_work(redis_url):
+    server = _server(redis_url, chat=False)
+    cases = [({"prompt": "x" * 300, "params": {}}, "prompt"),  # longer than the context
+             ({"prompt": "hi", "params": {"max_tokens": 255}}, "max_tokens"),
+             ({"messages": [{"role": "user", "content": "hi"}], "params": {}}, "messages")]  # no chat template
+
+
+    async def refused():
+        fields = []
+        for request, _ in cases:
+            with pytest.raises(RequestError) as err:
+                await _collect(server, request)
+            fields.append(err.value.field)
+        return fields
+
+    assert _run(refused()) == [field for _, field in cases]
+    assert server.engine.stats.tokens == 0 and server.engine.queue_lengths() == (0, 0)
