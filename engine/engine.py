@@ -206,7 +206,7 @@ class LLMEngine:
         h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
         cfg = self.config
         slack = None if is_prefill or self.buffer is None else self._slack(work, start)
-        checked = None if is_prefill or self.gate is None else self._gated_checks(len(work))
+        checked = None if is_prefill or self.gate is None or self.exits is None else self._gated_checks(len(work))
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
                           self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer, slack, checked)
         if checked:
