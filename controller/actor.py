@@ -163,13 +163,13 @@ class HeliosController:
     async def _initial(self) -> None:
         saved = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(PROFILES).items()}
         for name in self.names:
-            stats = await self.handles[name].stats.remote()
+            stats = await self.handles[name].stats.remote()  # a deployments.contracts.ServerStats
             self.profiles[name] = p = P.CandidateProfile.from_calibration(
-                name, stats["num_layers"], stats["depth"], stats.get("calibration"), stats["memory"])
+                name, stats.num_layers, stats.depth, stats.calibration, stats.memory)
             for f in MEASURED:
                 setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
             self.seen[name] = self._totals(name)
-            self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats["thresholds"].items()})
+            self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats.thresholds.items()})
             self.tuners[name].reset(None, self.reader.shadow_by_layer(name))  # judge only what it serves from now
         if self.restored:
             self._log(P.Decision(P.Action.RESTORE, self.current, self.profiles[self.current].depth,

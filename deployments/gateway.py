@@ -25,6 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from controller.actor import ensure_controller
 from controller.config import ControllerConfig
 from deployments import openai_schema as oai
+from deployments.contracts import GenerateRequest
 from deployments import operator as op
 from deployments.http_limits import BodyLimit, GatewayConfig, key_accepted
 from deployments.model_server import StepFailed
@@ -174,7 +175,7 @@ class Gateway:
     @app.post("/v1/completions")
     async def completions(self, body: oai.CompletionRequest, authorization: str | None = Header(None)):
         self._authorize(authorization)
-        candidate, stream = await self._start(body, {"prompt": body.prompt})
+        candidate, stream = await self._start(body, prompt=body.prompt)
         if body.stream:
             return self._sse(stream, lambda c, first: oai.CompletionResponse(
                 id=first.request_id, model=c.candidate,
@@ -188,7 +189,7 @@ class Gateway:
     async def chat(self, body: oai.ChatCompletionRequest, authorization: str | None = Header(None)):
         self._authorize(authorization)
         messages = [m.model_dump() for m in body.messages]
-        candidate, stream = await self._start(body, {"messages": messages})
+        candidate, stream = await self._start(body, messages=messages)
         if body.stream:
             return self._sse(stream, lambda c, first: oai.ChatCompletionChunk(
                 id=first.request_id, model=c.candidate, choices=[oai.ChatChunkChoice(
@@ -288,18 +289,18 @@ class Gateway:
     async def _chat_candidates(self) -> set[str]:
         if self._chat is None:
             stats = {n: await h.options(stream=False).stats.remote() for n, h in self.servers.items()}
-            self._chat = {n for n, s in stats.items() if s["chat"]}
+            self._chat = {n for n, s in stats.items() if s.chat}
         return self._chat
 
-    async def _start(self, body, payload: dict):
+    async def _start(self, body, prompt=None, messages: list[dict] | None = None):
         """Route, submit, and wait for the first chunk so bad requests fail before any byte is sent."""
         deadline = time.monotonic() + self.limits.request_timeout_s
-        candidate = await self._route(body.model, chat="messages" in payload)
+        candidate = await self._route(body.model, chat=messages is not None)
         try:
             params = body.sampling(self.default_max_tokens)
         except ValidationError as e:
             raise _as_api_error(e)
-        gen = self.servers[candidate].generate.remote({**payload, "params": params.model_dump()})
+        gen = self.servers[candidate].generate.remote(GenerateRequest(params, prompt, messages))
         try:
             first = await self._next(gen, deadline)
         except Exception as e:

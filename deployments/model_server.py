@@ -16,7 +16,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 
 import ray
 import torch
@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
 from controller.actor import STATE, depth_field
+from deployments.contracts import Chunk, GenerateRequest, ServerStats
 from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
 from engine.protocol import Engine
 from telemetry.metrics import ServerMetrics
@@ -66,23 +67,6 @@ class StepFailed(RuntimeError):
     """The engine step that carried this request failed; the replica and its other requests go on."""
 
 
-@dataclass(slots=True)
-class Chunk:
-    """One streamed piece of a request's output."""
-
-    request_id: str
-    text: str  # new text since the previous chunk
-    token_ids: list[int]
-    finished: bool
-    finish_reason: str | None
-    prompt_tokens: int
-    completion_tokens: int
-    candidate: str
-    exit_layers: list[int] = field(default_factory=list)  # exit layer of each new token
-    greedy_exits: int = 0
-    loaded_depth: int = 0
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ModelServer:
     def __init__(self, candidate: dict, telemetry: dict, verifier=None,
@@ -114,18 +98,17 @@ class ModelServer:
         self._served = 0
 
     # ---- requests ----------------------------------------------------------------------------
-    async def generate(self, request: dict):
-        """Stream Chunks for {"prompt": str | "messages": [...], "params": {...}, "request_id": str}."""
+    async def generate(self, request: GenerateRequest):
+        """Stream the request's Chunks."""
         self._start()
-        params = SamplingParams.model_validate(request.get("params", {}))
-        prompt = request.get("prompt")
-        if request.get("messages") is not None:
-            prompt = self.chat_prompt(request["messages"])
+        params, prompt = request.params, request.prompt
+        if request.messages is not None:
+            prompt = self.chat_prompt(request.messages)
         queue: asyncio.Queue = asyncio.Queue()
         if isinstance(prompt, str):
             self.engine.check_prompt_text(prompt)  # cheap: refuses what cannot fit before tokenising
             prompt = await asyncio.get_running_loop().run_in_executor(self._tokenize_pool, self._tokenize, prompt)
-        rid = self.engine.add_request(prompt, params, request.get("request_id"))  # raises RequestError
+        rid = self.engine.add_request(prompt, params, request.request_id)  # raises RequestError
         self._queues[rid] = queue
         self._timing[rid] = [time.perf_counter(), 0.0]
         if self.shadow_rate:
@@ -211,17 +194,14 @@ class ModelServer:
     def _thresholds(self) -> dict[int, float]:
         return self.engine.exits.thresholds() if self.engine.exits is not None else {}
 
-    def stats(self) -> dict:
-        mem = self.engine.memory_bytes()
+    def stats(self) -> ServerStats:
         exits = self.engine.exits
         waiting, running = self.engine.queue_lengths()
-        return {"candidate": self.name, "node_id": ray.get_runtime_context().get_node_id(),
-                "depth": self.engine.depth, "num_layers": self.engine.num_layers,
-                "running": running, "waiting": waiting,
-                "tokens_served": self._served, "memory": mem, "chat": bool(self.engine.tokenizer.chat_template),
-                "exit_policy": self.engine.config.exit_policy, "engine": asdict(self.engine.stats),
-                "calibration": exits.meta if exits else None, "thresholds": self._thresholds(),
-                "threads": torch.get_num_threads(), "niceness": os.nice(0)}
+        return ServerStats(self.name, ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
+                           self.engine.depth, self.engine.num_layers, running, waiting, self._served,
+                           self.engine.memory_bytes(), bool(self.engine.tokenizer.chat_template),
+                           self.engine.config.exit_policy, asdict(self.engine.stats),
+                           exits.meta if exits else None, self._thresholds(), torch.get_num_threads(), os.nice(0))
 
     def check_health(self) -> None:
         if self._stepper is not None and not self._stepper.is_alive():

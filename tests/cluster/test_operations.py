@@ -88,13 +88,13 @@ def test_a_shallower_stack_holds_more_sequences_and_the_state_says_so(cluster):
     server = serve.get_deployment_handle("model-smollm2", cluster.config.app_name)
     before = server.stats.remote().result()
     # Ray starts a worker without CPUs of its own at one thread and nice 15; a decoding replica is the work
-    assert before["threads"] == usable_cpus() and before["niceness"] == 0
-    depth, capacity = before["depth"], before["memory"]["capacity"]
-    assert before["memory"]["total"] <= before["memory"]["budget"]
+    assert before.threads == usable_cpus() and before.niceness == 0
+    depth, capacity = before.depth, before.memory["capacity"]
+    assert before.memory["total"] <= before.memory["budget"]
     for to, grows in ((depth - 10, True), (depth, False)):
         status, state = _request(f"{cluster.url}/admin/depth", {"candidate": "smollm2", "depth": to}, ADMIN_KEY)
         assert status == 200, state
-        mem = server.stats.remote().result()["memory"]
+        mem = server.stats.remote().result().memory
         assert (mem["capacity"] > capacity) if grows else (mem["capacity"] == capacity)
         assert state["profiles"]["smollm2"]["capacity"] == mem["capacity"]  # the controller's arithmetic is the engine's
         assert mem["total"] <= mem["budget"]

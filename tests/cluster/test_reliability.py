@@ -125,12 +125,12 @@ def test_a_client_that_goes_away_frees_its_slot(cluster):
         for i, _ in enumerate(r.iter_lines()):
             if i >= 6:
                 break
-        assert server.stats.remote().result()["running"] == 1
+        assert server.stats.remote().result().running == 1
     deadline = time.time() + 10
-    while time.time() < deadline and server.stats.remote().result()["running"]:
+    while time.time() < deadline and server.stats.remote().result().running:
         time.sleep(0.2)
     stats = server.stats.remote().result()
-    assert stats["running"] == 0 and stats["waiting"] == 0
+    assert stats.running == 0 and stats.waiting == 0
 
 
 def test_a_killed_replica_ends_its_streams_with_an_error_and_returns_at_the_controllers_depth(cluster, client):

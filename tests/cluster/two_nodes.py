@@ -15,7 +15,7 @@ from cluster.config import ClusterConfig
 
 def where(cfg: ClusterConfig) -> dict[str, str]:
     return {c.name: serve.get_deployment_handle(deployment_name(c.name), cfg.app_name).stats.remote()
-            .result(timeout_s=120)["node_id"] for c in cfg.candidates}
+            .result(timeout_s=120).node_id for c in cfg.candidates}
 
 
 def main(home: str, redis_url: str, port: int) -> dict:

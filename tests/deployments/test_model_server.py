@@ -6,8 +6,9 @@ from functools import partial
 
 import pytest
 
+from deployments.contracts import GenerateRequest
 from deployments.model_server import ModelServer, StepFailed
-from engine import RequestError
+from engine import RequestError, SamplingParams
 from tests.deployments.scripted_engine import ScriptedEngine
 
 
@@ -18,6 +19,10 @@ def _server(redis_url, chat=True, **script):
     if not chat:
         server.engine.tokenizer.chat_template = None
     return server
+
+
+def _req(prompt=None, messages=None, **params):
+    return GenerateRequest(SamplingParams(**params), prompt, messages)
 
 
 def _run(coro):
@@ -32,7 +37,7 @@ async def _collect(server, request):
 def test_a_stream_never_shows_text_that_a_stop_string_later_cuts(redis_url):
     # "\nE" could begin "\nEND" twice before the real one: the client must never see it
     server = _server(redis_url, reply=lambda p: "a\nEx b\nEy c\nEND and more")
-    chunks = _run(_collect(server, {"prompt": "go", "params": {"max_tokens": 40, "stop": ["\nEND"]}}))
+    chunks = _run(_collect(server, _req(prompt="go", max_tokens=40, stop=["\nEND"])))
     final = "a\nEx b\nEy c"
     shown = ""
     for c in chunks:
@@ -50,8 +55,8 @@ def test_max_tokens_ends_a_stream_with_length_and_chat_messages_use_the_template
 
     async def both():
         return await asyncio.gather(
-            _collect(server, {"messages": [{"role": "user", "content": "hi"}], "params": {"max_tokens": 12}}),
-            _collect(server, {"prompt": "ok", "params": {"max_tokens": 100}}))
+            _collect(server, _req(messages=[{"role": "user", "content": "hi"}], max_tokens=12)),
+            _collect(server, _req(prompt="ok", max_tokens=100)))
 
     chat, plain = _run(both())
     assert "".join(c.text for c in chat) == "You said: <u" and chat[-1].finish_reason == "length"
@@ -62,7 +67,7 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(redis_url):
     server = _server(redis_url, reply=lambda p: "x" * 200, step_s=0.01)
 
     async def leave_early():
-        gen = server.generate({"prompt": "go", "params": {"max_tokens": 200}})
+        gen = server.generate(_req(prompt="go", max_tokens=200))
         for _ in range(3):
             await gen.__anext__()
         assert server.engine.queue_lengths() == (0, 1)
@@ -81,20 +86,22 @@ def test_a_failing_step_fails_its_requests_and_the_server_goes_on(redis_url):
 
     async def scenario():
         with pytest.raises(StepFailed, match="scripted failure"):
-            await _collect(server, {"prompt": "bad", "params": {"max_tokens": 10}})
-        later = await _collect(server, {"prompt": "good", "params": {"max_tokens": 30}})
+            await _collect(server, _req(prompt="bad", max_tokens=10))
+        later = await _collect(server, _req(prompt="good", max_tokens=30))
         return "".join(c.text for c in later)
 
     assert _run(scenario()) == "fine good"
     server.check_health()  # the step thread lives on
-    assert server.engine.queue_lengths() == (0, 0)
+    stats = server.stats()
+    assert (stats.running, stats.waiting, stats.tokens_served) == (0, 0, len("fine good") + 1 + len("ok"))
+    # (its end-of-sequence token, and the failed request's tokens before its step failed)
 
 
 def test_bad_requests_are_refused_naming_the_field_before_any_work(redis_url):
     server = _server(redis_url, chat=False)
-    cases = [({"prompt": "x" * 300, "params": {}}, "prompt"),  # longer than the context
-             ({"prompt": "hi", "params": {"max_tokens": 255}}, "max_tokens"),
-             ({"messages": [{"role": "user", "content": "hi"}], "params": {}}, "messages")]  # no chat template
+    cases = [(_req(prompt="x" * 300), "prompt"),  # longer than the context
+             (_req(prompt="hi", max_tokens=255), "max_tokens"),
+             (_req(messages=[{"role": "user", "content": "hi"}]), "messages")]  # no chat template
 
 
     async def refused():
