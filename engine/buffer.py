@@ -37,10 +37,10 @@ class HoldDecision:
 
 
 class BufferPlanner:
-    def __init__(self, cost: LayerCost, step_fixed_s: float = 0.0):
-        # step_fixed_s: what a decode step costs whatever its rows (LM head, embedding, launch
-        # overheads); a held row spends it without producing a token, so it weighs against holding
-        self.cost, self.step_fixed_s = cost, step_fixed_s
+    def __init__(self, cost: LayerCost):
+        # cost.step_fixed_s, what a decode step costs whatever its rows (the LM head over the batch),
+        # weighs against holding: a held row spends it without producing a token
+        self.cost = cost
 
     def _layers_s(self, layers: int, rows: float) -> float:
         return layers * self.cost.layer_s(rows) if rows > 0 else 0.0
@@ -58,7 +58,7 @@ class BufferPlanner:
         n, c, deep = rows, continuing, depth - layer
         if not 0 < c <= n or deep <= 0:
             return HoldDecision(False, float("inf"), float("inf"))
-        f, shallow = self.step_fixed_s, layer
+        f, shallow = self.cost.step_fixed_s, layer
         base = 2 * (f + self._layers_s(shallow, n) + self._layers_s(deep, c)) / (2 * n)
         if c == n:  # nothing else in the next step's shallow layers: waiting only delays
             return HoldDecision(False, float("inf"), base)

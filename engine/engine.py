@@ -111,7 +111,7 @@ class LLMEngine:
         gated = config.exit_gate and self.exits is not None and config.exit_policy != "full"
         cost = measure_cost(self.model, kv.num_slots) if splits or gated else None
         self.planner = RebatchPlanner(cost, deferred=self._defers) if splits else None
-        self.buffer = (BufferPlanner(cost, cost.step_fixed_s)
+        self.buffer = (BufferPlanner(cost)
                        if splits and config.exit_policy == "buffer" and self._defers else None)
         self.gate = (ExitGate(cost, measure_check(self.exits, self.model.hidden_size, kv.num_slots, self.model.device,
                                                   self.dtype), config.kv_fill, self.buffer) if gated else None)

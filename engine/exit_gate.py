@@ -21,14 +21,13 @@ Plain Python over a measured cost model, testable without a model.
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
 
 from engine.buffer import BufferPlanner
-from engine.rebatch import LayerCost
+from engine.rebatch import LayerCost, timed
 
 # a row never confident in the step counts as confident past every layer
 NEVER = 1 << 30
@@ -104,8 +103,4 @@ def measure_check(bank, hidden: int, rows: int, device, dtype, reps: int = 20) -
         last, prev = h[arange, idx], h[arange, idx + 1]
         return bool((point.predictor(last, prev) >= point.threshold).any())
 
-    check()
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        check()
-    return (time.perf_counter() - t0) / reps
+    return timed(check, reps)

@@ -78,8 +78,9 @@ class RebatchPlanner:
         return SplitDecision(saved, price)
 
 
-def _timed(fn, reps: int) -> float:
-    fn()  # warm-up (allocations, kernel selection)
+def timed(fn, reps: int) -> float:
+    """Seconds per call of `fn`, after one warm-up call (allocations, kernel selection)."""
+    fn()
     sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
     sync()
     t0 = time.perf_counter()
@@ -110,17 +111,17 @@ def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
         model.kv.write(0, ctx.slots, ctx.positions, k, v)
 
     (h1, c1), (hb, cb) = setup(1), setup(big)
-    l1 = _timed(lambda: model.layer_forward(0, h1, c1), reps)
-    lb = _timed(lambda: model.layer_forward(0, hb, cb), reps)
-    f1 = _timed(lambda: fill_once(h1, c1), reps)
-    fb = _timed(lambda: fill_once(hb, cb), reps)
+    l1 = timed(lambda: model.layer_forward(0, h1, c1), reps)
+    lb = timed(lambda: model.layer_forward(0, hb, cb), reps)
+    f1 = timed(lambda: fill_once(h1, c1), reps)
+    fb = timed(lambda: fill_once(hb, cb), reps)
     keep = torch.arange(big // 2, device=dev)
-    s = _timed(lambda: (hb[keep], cb.select(keep)), reps)
+    s = timed(lambda: (hb[keep], cb.select(keep)), reps)
     length = model.kv.k[0].shape[2]
     slots = torch.arange(big, device=dev)
-    view = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, 0)], reps)
-    gather = _timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, None)], reps)
-    head = _timed(lambda: model.logits(hb[:, 0]), reps)
+    view = timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, 0)], reps)
+    gather = timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, None)], reps)
+    head = timed(lambda: model.logits(hb[:, 0]), reps)
     per_row = max(lb - l1, 0.0) / (big - 1) if big > 1 else 0.0  # one slot: no per-row term to tell apart
     fill_per_row = max(fb - f1, 0.0) / (big - 1) if big > 1 else 0.0
     return LayerCost(max(l1 - per_row, 0.0), per_row, max(f1 - fill_per_row, 0.0), fill_per_row, s,

@@ -201,14 +201,8 @@ def _states_needed(bank: ExitBank | None, checks: dict, depth: int, total: int) 
     also the one before the last loaded layer, whose exit is judged at the end."""
     if bank is None:
         return set()
-    refs = sorted(bank.reference_layers)
     judged = list(checks) + ([depth] if depth < total else [])
-    needed = set(checks)
-    for l in judged:
-        before = [r for r in refs if r < l]
-        if before:
-            needed.add(before[-1])
-    return needed
+    return (set(checks) | {bank.previous(l) for l in judged}) - {0}  # 0: the embeddings, read at the start
 
 
 def _to_hold(buffer: BufferPlanner, live, anchored, tok_level, slack_s, n: int, layer: int, depth: int):

@@ -23,7 +23,7 @@ class AlwaysHold(BufferPlanner):
 
 
 def test_art_holds_few_continuing_rows_where_a_layer_costs_its_weight_reads():
-    art = BufferPlanner(WEIGHT_BOUND, WEIGHT_BOUND.step_fixed_s)
+    art = BufferPlanner(WEIGHT_BOUND)
     assert art.decide(rows=8, continuing=1, layer=10, depth=30).hold
     d = art.decide(rows=8, continuing=7, layer=10, depth=30)  # the next step would run its shallow layers half empty
     assert not d.hold and d.per_token_s > d.baseline_per_token_s and d.reason.startswith("forwarding")
@@ -31,7 +31,7 @@ def test_art_holds_few_continuing_rows_where_a_layer_costs_its_weight_reads():
     assert not art.decide(rows=1, continuing=1, layer=10, depth=30).hold  # nobody to merge with
     assert not art.decide(rows=8, continuing=8, layer=10, depth=30).hold
     compute_bound = LayerCost(1e-5, 1e-3, 0.0, 0.0, 0.0, step_fixed_s=5e-3)
-    assert not BufferPlanner(compute_bound, 5e-3).decide(rows=8, continuing=1, layer=10, depth=30).hold
+    assert not BufferPlanner(compute_bound).decide(rows=8, continuing=1, layer=10, depth=30).hold
 
 
 def _engine(ref, **kw):
