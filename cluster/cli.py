@@ -29,7 +29,8 @@ def _calibrate(args) -> int:
 
     cfg = CalibrationConfig(model=args.model, head_type=args.head, num_prompts=args.prompts, domains=args.domains,
                             rounds=args.rounds, max_new_tokens=args.new_tokens, steps=args.steps, target=args.target,
-                            text_file=args.text, device=args.device)
+                            text_file=args.text, device=args.device,
+                            **({} if args.vocab_size is None else {"vocab_size": args.vocab_size}))
     report = calibrate(cfg)
     print(json.dumps(report.summary, indent=2))
     if args.ship:
@@ -134,6 +135,9 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--new-tokens", type=int, default=96)
     c.add_argument("--steps", type=int, default=300, help="KL tuning steps for the heads")
     c.add_argument("--target", type=float, default=0.95, help="agreement with the full model to keep, per domain")
+    c.add_argument("--vocab-size", type=int, default=None,
+                   help="exit vocabulary: how many of the calibration text's most frequent tokens exits may emit "
+                   "(default: CalibrationConfig.vocab_size; 0: the full vocabulary)")
     c.add_argument("--text", default=None, help="a text file of prompts, one per line, instead of the domains")
     c.add_argument("--ship", action="store_true", help="also write the compact heads into the package "
                    "(engine/trained/MODEL), which serve whenever HELIOS_HOME has no calibration of its own")

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from engine.config import SamplingParams
 from engine.engine import LLMEngine
-from engine.exits import ExitBank, rms_norm
+from engine.exits import ExitBank, build_vocab, rms_norm
 from engine.prompts import calibration_prompts
-from engine.thresholds import CalibrationReport, build_report, choose_threshold, halves
+from engine.thresholds import CalibrationReport, build_report, choose_rule, halves
 
 
 class CalibrationConfig(BaseModel):
@@ -44,6 +44,8 @@ class CalibrationConfig(BaseModel):
     steps: int = Field(200, ge=0, description="KL tuning steps for the heads.")
     predictor_steps: int = Field(400, ge=1, description="Training steps for the agreement predictors.")
     target: float = Field(0.95, gt=0.5, lt=1.0, description="Agreement with the full model to keep.")
+    vocab_size: int = Field(2048, ge=0, description="Exit vocabulary: the tokens exits may emit, the most frequent "
+                            "in the calibration text (engine.exits); 0 for the full vocabulary.")
     holdout: float = Field(0.25, gt=0.0, lt=1.0, description="Share of prompts held out for thresholds.")
     text_file: str | None = Field(None, description="Prompts file (one per line) instead of the domains.")
     device: str = "cpu"
@@ -201,19 +203,30 @@ def kl_tune(bank: ExitBank, feats: Features, fit: torch.Tensor, val: torch.Tenso
     return losses
 
 
+@dataclass
+class Outcomes:
+    """Per exit layer, for the scored tokens (others stay False/0)."""
+    agree: dict  # the head's top token (in the exit vocabulary, if the bank has one) is the teacher's
+    maxprob: dict  # the head's max probability over the full vocabulary (the reference rule)
+    margin: dict  # logit gap between the head's top two tokens (in the exit vocabulary)
+
+
 @torch.no_grad()
-def head_outcomes(bank: ExitBank, feats: Features, idx: torch.Tensor, lm, chunk: int = 512) -> tuple[dict, dict]:
-    """Per layer, for tokens `idx` (others stay False/0): does the head's full-vocabulary top token
-    agree with the teacher, and the head's max probability."""
+def head_outcomes(bank: ExitBank, feats: Features, idx: torch.Tensor, lm, chunk: int = 512) -> Outcomes:
     n = len(feats.final)
-    agree, maxprob = {}, {}
+    out = Outcomes({}, {}, {})
     for l, p in tqdm(bank.points.items(), desc="scoring heads"):
-        agree[l], maxprob[l] = torch.zeros(n, dtype=torch.bool), torch.zeros(n)
+        out.agree[l], out.maxprob[l], out.margin[l] = torch.zeros(n, dtype=torch.bool), torch.zeros(n), torch.zeros(n)
         for part in idx.split(chunk):
             logits = _head_logits(p.head, feats.hidden[l][part], lm)
-            agree[l][part] = logits.argmax(-1) == feats.teacher[part]
-            maxprob[l][part] = torch.softmax(logits, -1).amax(-1)
-    return agree, maxprob
+            out.maxprob[l][part] = torch.softmax(logits, -1).amax(-1)
+            if bank.vocab is not None:
+                logits = logits[:, bank.vocab]
+            top = logits.topk(2, -1)
+            pick = top.indices[:, 0] if bank.vocab is None else bank.vocab[top.indices[:, 0]]
+            out.agree[l][part] = pick == feats.teacher[part]
+            out.margin[l][part] = top.values[:, 0] - top.values[:, 1]
+    return out
 
 
 def train_predictors(bank: ExitBank, feats: Features, agree: dict, fit: torch.Tensor, val: torch.Tensor,
@@ -305,22 +318,26 @@ def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
     if any(not 1 <= l < num_layers for l in layers):
         raise ValueError(f"exit layers must lie in 1..{num_layers - 1}")
     ids = [engine.tokenizer(p)["input_ids"][-(4096 - cfg.max_new_tokens):] for p in prompts]
-    feats = collect(engine, _write_text(engine, ids, cfg, None), [0] + layers, 8, prompt_domain)
+    text = _write_text(engine, ids, cfg, None)
+    feats = collect(engine, text, [0] + layers, 8, prompt_domain)
     lm = _lm(engine)
     _label(feats, lm)
 
     split = split_by_prompt(feats, prompt_domain, cfg.holdout, cfg.seed)
     bank = ExitBank.new(cfg.head_type, layers, engine.model.hidden_size)
+    if cfg.vocab_size:
+        bank.vocab = build_vocab([p + o for p, o in text], cfg.vocab_size, lm[0].shape[0])
     if cfg.head_type == "linear":
         ridge_init(bank, feats, split["heads"], split["val"], lm)
     losses = kl_tune(bank, feats, split["heads"], split["val"], lm, cfg.steps)
     scored = torch.cat([split["predictors"], split["val"], split["held"]])
-    agree, maxprob = head_outcomes(bank, feats, scored, lm)
-    train_predictors(bank, feats, agree, split["predictors"], split["val"], cfg.predictor_steps)
+    scores = head_outcomes(bank, feats, scored, lm)
+    train_predictors(bank, feats, scores.agree, split["predictors"], split["val"], cfg.predictor_steps)
     if cfg.rounds == 2:  # the text the exits will really see: written with them on
         tune, _ = halves(feats, split["held"])
-        t = choose_threshold(_confidence(bank, feats, tune), {l: a[tune] for l, a in agree.items()},
-                             feats.domain[tune], cfg.target, num_layers)
+        bank.margin, t = choose_rule(_confidence(bank, feats, tune), {l: a[tune] for l, a in scores.agree.items()},
+                                     {l: m[tune] for l, m in scores.margin.items()}, feats.domain[tune], cfg.target,
+                                     num_layers, bank.vocab is not None)
         bank.set_thresholds({l: t for l in layers})
         served = collect(engine, _write_text(engine, ids, cfg, bank), [0] + layers, 8, prompt_domain,
                          on_policy=True)
@@ -329,10 +346,9 @@ def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
         feats = Features.cat([feats, served])
         split = split_by_prompt(feats, prompt_domain, cfg.holdout, cfg.seed)
         scored = torch.cat([split["predictors"], split["val"], split["held"]])
-        agree, maxprob = head_outcomes(bank, feats, scored, lm)
-        train_predictors(bank, feats, agree, split["predictors"], split["val"], cfg.predictor_steps)
-    report = build_report(engine, bank, agree, maxprob, _confidence(bank, feats), feats, split["held"], domains,
-                          cfg, losses)
+        scores = head_outcomes(bank, feats, scored, lm)
+        train_predictors(bank, feats, scores.agree, split["predictors"], split["val"], cfg.predictor_steps)
+    report = build_report(engine, bank, scores, _confidence(bank, feats), feats, split["held"], domains, cfg, losses)
     bank.meta = {"num_layers": num_layers, "target": cfg.target, **report.summary}
     bank.save(engine.store.exits_dir)
     report.write(engine.store.exits_dir)

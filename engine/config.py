@@ -77,6 +77,9 @@ class EngineConfig(BaseModel):
     thresholds: dict[int, float] | None = Field(
         None, description="Per-layer confidence thresholds overriding the calibrated ones (layer -> threshold)."
     )
+    exit_vocab: bool = Field(
+        True, description="Let exits emit only the calibrated exit vocabulary, checking the head's margin over it and "
+        "sparing the full LM head (engine.exits); False: exits read the full head. Banks without one ignore it.")
     exit_policy: Literal["full", "batch", "greedy", "rebatch", "buffer"] = Field(
         "rebatch", description="full: no exits; batch: the batch leaves when every row is confident; greedy "
         "(HELIOS): rows take their token at their first confident layer and ride along; rebatch (DREX): "

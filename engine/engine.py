@@ -101,7 +101,7 @@ class LLMEngine:
         kv.set_slots(self._capacity_at(self.depth), [])
         self.exits = ExitBank.find(self.store, self.model.hidden_size) if config.exits else None
         if self.exits is not None:
-            self.exits.to(self.model.device, self.dtype)
+            self._bind(self.exits)
             if config.thresholds:
                 self.exits.set_thresholds(config.thresholds)
         # the split decision needs this device's layer costs; measured before any request owns a slot.
@@ -114,7 +114,8 @@ class LLMEngine:
         self.buffer = (BufferPlanner(cost)
                        if splits and config.exit_policy == "buffer" and self._defers else None)
         self.gate = (ExitGate(cost, measure_check(self.exits, self.model.hidden_size, kv.num_slots, self.model.device,
-                                                  self.dtype), config.kv_fill, self.buffer) if gated else None)
+                                                  self.dtype), config.kv_fill, self.buffer,
+                              head_s=self._vocab_saves(cost)) if gated else None)
         # recent decode step time (EWMA): how long a held row's wait will last; until measured, a full
         # batch through every layer as the cost model prices it
         self._step_s = cost.step_fixed_s + self.depth * cost.layer_s(kv.num_slots) if cost else 0.0
@@ -317,8 +318,20 @@ class LLMEngine:
         """Serve through `bank`'s exit points from the next step on (None: full depth, no exits)."""
         if self.has_unfinished():
             raise RuntimeError("exit heads can change only between requests")
-        self.exits = None if bank is None else bank.to(self.model.device, self.dtype)
+        self.exits = None if bank is None else self._bind(bank)
         self._defers = self.config.kv_fill == "deferred" and self.exits is not None
+
+    def _vocab_saves(self, cost) -> float:
+        """What a step spares of the LM head when every row leaves through the exit vocabulary."""
+        if self.exits is None or self.exits.vocab is None:
+            return 0.0
+        return cost.step_fixed_s * (1 - len(self.exits.vocab) / self.model.lm_head_weight.shape[0])
+
+    def _bind(self, bank: ExitBank) -> ExitBank:
+        bank.to(self.model.device, self.dtype)
+        if not self.config.exit_vocab:
+            bank.vocab = None
+        return bank.bind_head(self.model.lm_head_weight)
 
     def load_layers(self, depth: int) -> None:
         """Grow or shrink the resident depth between steps; in-flight requests keep going. Under a

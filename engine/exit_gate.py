@@ -8,7 +8,10 @@ probability R_l, the batch stops there with probability about R_l ** n (an upper
 differ), and saves the layers after l: at the deferred fill only their fixed part, since the
 leavers' deeper KV is still computed, riding a later step. A point is checked when
 
-    R_l ** n * (depth - l) * saved_per_layer(n)  >  check_s
+    R_l ** n * ((depth - l) * saved_per_layer(n) + head_s)  >  check_s
+
+where head_s is what the step saves on the LM head when every row leaves through the exit
+vocabulary (engine.exits): the full head is then not read at all.
 
 so at batch 1 the checks that pay stay, and at batch 8 most points are skipped: their rows take
 the token of a deeper exit or of the full model, which is also the better token. Under the
@@ -38,6 +41,7 @@ class ExitGate:
     cost: LayerCost
     check_s: float  # one exit check over a full batch
     kv_fill: Literal["deferred", "copy", "none"] = "deferred"
+    head_s: float = 0.0  # the full LM head's read, spared when the whole batch leaves through the exit vocabulary
     # under the `buffer` policy a point also pays when the rows expected to continue there are few
     # enough for the buffer to hold them
     buffer: BufferPlanner | None = None
@@ -63,7 +67,7 @@ class ExitGate:
 
     def pays(self, layer: int, rows: int, depth: int) -> bool:
         r = self.confident_by(layer)
-        if r ** rows * (depth - layer) * self.saved_per_layer_s(rows) > self.check_s:
+        if r ** rows * ((depth - layer) * self.saved_per_layer_s(rows) + self.head_s) > self.check_s:
             return True
         continuing = round(rows * (1 - r))
         return self.buffer is not None and 0 < continuing < rows and self.buffer.decide(rows, continuing, layer,

@@ -6,6 +6,13 @@ An exit point at layer l has
   * a predictor: a small MLP estimating P(head's top token == full model's top token) from the
     hidden state and how far it moved since the previous exit layer (the embeddings before the
     first); the per-row exit check is this number against the layer's threshold.
+
+A bank may also carry an exit vocabulary: the few thousand tokens that the text calibration saw
+is written in. Then a row the predictor passes projects onto those tokens only (a sliver of the
+LM head, whose full read costs about eight decoder layers of a small model), and leaves only if
+the head's top token there beats the runner-up by `margin` logits: a token outside the list, or
+one the head hesitates on, goes deeper. When every row of a step leaves this way, the full LM head
+is not read at all.
 """
 from __future__ import annotations
 
@@ -85,8 +92,11 @@ class ExitPoint:
 class ExitBank:
     """The exit points of one model, keyed by layer."""
 
-    def __init__(self, head_type: str, points: dict[int, ExitPoint], meta: dict | None = None):
+    def __init__(self, head_type: str, points: dict[int, ExitPoint], meta: dict | None = None,
+                 vocab: torch.Tensor | None = None, margin: float = 0.0):
         self.head_type, self.points, self.meta = head_type, dict(sorted(points.items())), meta or {}
+        self.vocab, self.margin = vocab, margin  # exit vocabulary (sorted token ids) or None: the full one
+        self.vocab_weight: torch.Tensor | None = None  # the LM head's rows for `vocab` (bind_head)
 
     @property
     def layers(self) -> list[int]:
@@ -124,6 +134,14 @@ class ExitBank:
             p.predictor.to(device, dtype).eval()
         return self
 
+    def bind_head(self, lm_head_weight: torch.Tensor) -> "ExitBank":
+        """Keep the LM head's rows of the exit vocabulary (a copy: a few MB) for the exit checks."""
+        self.vocab_weight = None
+        if self.vocab is not None:
+            self.vocab = self.vocab.to(lm_head_weight.device)
+            self.vocab_weight = lm_head_weight.detach()[self.vocab].contiguous()
+        return self
+
     def save(self, directory: Path, compact: bool = False, min_share: float = 0.02) -> None:
         """`compact` (what the package ships): half precision, and only the exit points in use that
         calibration saw at least `min_share` of tokens leave through: a point few tokens use costs
@@ -138,8 +156,11 @@ class ExitBank:
             for prefix, module in (("head", p.head), ("pred", p.predictor)):
                 tensors.update({f"{l}.{prefix}.{k}": v.detach().to(dtype).contiguous()
                                 for k, v in module.state_dict().items()})
+        if self.vocab is not None:
+            tensors["vocab"] = self.vocab.to(torch.int32).cpu().contiguous()
         save_file(tensors, directory / "exits.safetensors")
-        meta = {**self.meta, "head_type": self.head_type, "thresholds": {l: p.threshold for l, p in points.items()}}
+        meta = {**self.meta, "head_type": self.head_type, "thresholds": {l: p.threshold for l, p in points.items()},
+                "margin": self.margin}
         (directory / "exits.json").write_text(json.dumps(meta, indent=2))
 
     @classmethod
@@ -171,4 +192,20 @@ class ExitBank:
                                          if k.startswith(f"{l}.pred.")})
         bank.set_thresholds(thresholds)
         bank.meta = meta
+        if "vocab" in tensors:
+            bank.vocab, bank.margin = tensors["vocab"].long(), float(meta.get("margin", 0.0))
         return bank
+
+
+def build_vocab(token_ids: list[list[int]], size: int, vocab_size: int) -> torch.Tensor:
+    """The exit vocabulary: the `size` tokens most frequent in `token_ids` (calibration's prompts
+    and the text the model wrote), topped up with the lowest ids (a BPE's earliest, most common
+    merges) when the text holds fewer; sorted."""
+    counts = torch.bincount(torch.tensor([t for ids in token_ids for t in ids], dtype=torch.long),
+                            minlength=vocab_size)[:vocab_size]
+    seen = counts.nonzero().squeeze(1)
+    top = seen[counts[seen].argsort(descending=True, stable=True)][:size]
+    rest = torch.ones(vocab_size, dtype=torch.bool)
+    rest[top] = False
+    fill = rest.nonzero().squeeze(1)[: max(0, size - len(top))]
+    return torch.cat([top, fill]).sort().values

@@ -248,6 +248,10 @@ class EEModel(nn.Module):
         """Final norm and LM head: [..., hidden] -> [..., vocab]."""
         return matmul_plan.linear(self.norm(h), self.lm_head_weight, None, self.head_plan.pad_to)
 
+    def vocab_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Final norm and the LM head's `rows` only ([V, hidden], an exit vocabulary): [..., V]."""
+        return self.norm(h) @ rows.T
+
     def tune_matmuls(self, sample_bytes: int = 128 << 20) -> None:
         """Measure this CPU's fastest weight layout and row padding, for the layers and for the LM
         head, on `sample_bytes` of their own weights (more than caches hold), and use them."""

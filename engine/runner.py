@@ -12,6 +12,8 @@ layer's head. What happens to them next is the policy:
 - `buffer` (DREX's rebatching buffer): `rebatch`, and when only a few rows continue past an exit
   point, they may wait there for the next step's continuing rows (engine.buffer decides); such a
   row comes back next step at that level, its token still to be decided.
+With an exit vocabulary in the bank (engine.exits), a row its predictor passes also needs a clear
+winner among those tokens to leave, and takes its token from them.
 Only the exit points the engine's exit gate finds worth checking at this batch size are checked
 (`checked`; engine.exit_gate). Under every policy the batch stops as soon as no row needs a deeper
 layer. Rows still present at the last loaded layer exit there: normally at full depth, a "greedy
@@ -59,6 +61,7 @@ class StackOutput:
     splits: int = 0  # regroups done (rebatch)
     splits_skipped: int = 0  # regroups the planner judged not worth it (rebatch)
     held: list[int] = field(default_factory=list)  # rows that wait in the buffer: no token this step
+    vocab_exits: int = 0  # rows whose token came from the exit vocabulary (their LM head read skipped)
     # per row, the first exit point whose check it passed (exit_gate.NEVER if none): what the exit
     # gate learns from on the steps that check every point
     confident_at: list[int] = field(default_factory=list)
@@ -108,6 +111,7 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     # each row's hidden state after its exit head; the vocabulary projection, memory-bound on the
     # LM head's weights, then runs once per step for all rows whatever layers they left at
     out = torch.empty(b, h.shape[-1], device=h.device, dtype=h.dtype)
+    vocab = _VocabRows(b, bank)
     rec = _Rows(b, depth)
     result = StackOutput(out, [])
     rows = torch.arange(b, device=h.device)  # original index of each row still in the batch
@@ -135,6 +139,11 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
         c = point.predictor(last, before)
         confident = c >= point.threshold
         started = confident & (tok_level <= i)
+        short = None
+        if bank.vocab_weight is not None and bool((started & live).any()):
+            short = _vocab_check(model, bank, point, last, started & live)
+            confident = short.passed | (confident & ~live)
+            started = confident & (tok_level <= i)
         first_conf[rows[started]] = torch.clamp(first_conf[rows[started]], max=i + 1)
         leave = started & live
         if policy == "batch":
@@ -144,7 +153,13 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             leave = live.clone()
         if bool(leave.any()):
             idx = leave.nonzero().squeeze(1)
-            out[rows[idx]] = point.head(last[idx])
+            if short is not None and len(short.idx):  # every row that passed leaves now
+                vocab.put(rows[short.idx], short.logits)
+                result.vocab_exits += len(short.idx)
+                idx_full = idx[~torch.isin(idx, short.idx)]
+            else:
+                idx_full = idx
+            out[rows[idx_full]] = point.head(last[idx_full])
             cpu_idx = rows[idx].cpu()
             rec.layer[cpu_idx], rec.conf[cpu_idx] = i + 1, c[idx].float().cpu()
             rec.involuntary[cpu_idx] = ~confident[idx].cpu()
@@ -184,7 +199,7 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     else:
         _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec, prev)
 
-    logits = model.logits(out)
+    logits = vocab.logits(model, out)
     final_head = rec.conf.isnan()
     if bool(final_head.any()):  # left through the model's own head: no predictor, use its max probability
         rec.conf[final_head] = _max_prob(logits[final_head.to(logits.device)]).float().cpu()
@@ -193,6 +208,54 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     result.exits = [RowExit(int(l), float(c), bool(g), bool(v))
                     for l, c, g, v in zip(rec.layer, rec.conf, rec.greedy, rec.involuntary)]
     return result
+
+
+@dataclass(slots=True)
+class _Short:
+    passed: torch.Tensor  # [rows] bool: the predictor passed them and their head has a clear winner
+    idx: torch.Tensor  # their batch indices
+    logits: torch.Tensor  # [len(idx), V] their head's logits over the exit vocabulary
+
+
+def _vocab_check(model: EEModel, bank: ExitBank, point, last: torch.Tensor, cand: torch.Tensor) -> _Short:
+    """Rows `cand` ([rows] bool) that the predictor passed: their exit head over the exit vocabulary;
+    a row passes if its top token beats the runner-up by the bank's margin."""
+    idx = cand.nonzero().squeeze(1)
+    logits = model.vocab_logits(point.head(last[idx]), bank.vocab_weight)
+    top = logits.topk(2, -1).values
+    ok = top[:, 0] - top[:, 1] >= bank.margin
+    passed = torch.zeros_like(cand)
+    passed[idx[ok]] = True
+    return _Short(passed, idx[ok], logits[ok])
+
+
+class _VocabRows:
+    """Logits of the rows that left through the exit vocabulary; the full LM head runs only for
+    the others, and not at all when there are none."""
+
+    def __init__(self, b: int, bank: ExitBank | None):
+        self.bank, self.b = bank, b
+        self.rows: list[torch.Tensor] = []
+        self.parts: list[torch.Tensor] = []
+
+    def put(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
+        self.rows.append(rows)
+        self.parts.append(logits)
+
+    def logits(self, model: EEModel, out: torch.Tensor) -> torch.Tensor:
+        if not self.rows:
+            return model.logits(out)
+        rows, short = torch.cat(self.rows), torch.cat(self.parts)
+        n_vocab = model.lm_head_weight.shape[0]
+        logits = torch.full((self.b, n_vocab), float("-inf"), device=out.device, dtype=short.dtype)
+        full = torch.ones(self.b, dtype=torch.bool, device=out.device)
+        full[rows] = False
+        if bool(full.any()):
+            logits[full] = model.logits(out[full]).to(short.dtype)
+        sub = torch.full((len(rows), n_vocab), float("-inf"), device=out.device, dtype=short.dtype)
+        sub[:, self.bank.vocab] = short
+        logits[rows] = sub
+        return logits
 
 
 def _states_needed(bank: ExitBank | None, checks: dict, depth: int, total: int) -> set[int]:

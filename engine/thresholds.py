@@ -18,6 +18,7 @@ import torch
 OFF = 1.1  # a threshold no probability reaches: the check is skipped at that layer
 GRID = (0.5, 0.7, 0.8, 0.9, 0.95)
 LEVELS = tuple(round(0.5 + 0.005 * i, 3) for i in range(100))  # 0.5 .. 0.995: candidate thresholds
+MARGINS = (0.0, 1.0, 2.0, 3.0, 4.0)  # candidate logit gaps for the exit vocabulary's check
 
 
 def halves(feats, held: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,6 +43,28 @@ def choose_threshold(conf: dict, agree: dict, domain: torch.Tensor, target: floa
                         {l: t for l in conf}, num_layers)["agreement"] >= target for i in parts.values()):
             return t
     return OFF
+
+
+def gate(conf: dict, margin: dict, m: float) -> dict:
+    """Predictor scores of tokens whose head has a clear winner (gap >= m); the others never exit."""
+    return {l: torch.where(margin[l] >= m, c, torch.zeros_like(c)) for l, c in conf.items()}
+
+
+def choose_rule(conf: dict, agree: dict, margin: dict, domain: torch.Tensor, target: float, num_layers: int,
+                with_margin: bool) -> tuple[float, float]:
+    """(margin, threshold): for each candidate margin its lowest threshold keeping `target` in every
+    domain; the pair whose tokens leave shallowest. A gap no token clears stays unused at 0 without
+    an exit vocabulary (its check reads the full head, which the predictor is there to spare)."""
+    best = (float("inf"), 0.0, OFF)
+    for m in MARGINS if with_margin else (0.0,):
+        gated = gate(conf, margin, m)
+        t = choose_threshold(gated, agree, domain, target, num_layers)
+        if t > 1.0:
+            continue
+        depth = simulate(gated, agree, {l: t for l in conf}, num_layers)["mean_depth"]
+        if depth < best[0]:
+            best = (depth, m, t)
+    return best[1], best[2]
 
 
 def simulate(conf: dict, agree: dict, thresholds: dict, num_layers: int) -> dict:
@@ -119,13 +142,17 @@ class CalibrationReport:
         return directory / "report.json"
 
 
-def build_report(engine, bank, agree, maxprob, conf, feats, held, domains, cfg, losses) -> CalibrationReport:
+def build_report(engine, bank, scores, conf, feats, held, domains, cfg, losses) -> CalibrationReport:
     num_layers, layers = engine.num_layers, bank.layers
     tune, evals = halves(feats, held)
+    agree, maxprob = scores.agree, scores.maxprob
 
     def part(d, idx):
         return {l: v[idx] for l, v in d.items()}
-    level = choose_threshold(part(conf, tune), part(agree, tune), feats.domain[tune], cfg.target, num_layers)
+    bank.margin, level = choose_rule(part(conf, tune), part(agree, tune), part(scores.margin, tune),
+                                     feats.domain[tune], cfg.target, num_layers, bank.vocab is not None)
+    ungated = conf
+    conf = gate(conf, scores.margin, bank.margin)  # what serving checks: predictor, then the margin
     thresholds = {l: level for l in layers}
     sim = simulate(part(conf, evals), part(agree, evals), thresholds, num_layers)
     cost = check_cost(engine, bank)
@@ -140,7 +167,7 @@ def build_report(engine, bank, agree, maxprob, conf, feats, held, domains, cfg, 
         frontier[domains[d]] = {name: [{"threshold": t, **{k: v for k, v in simulate(
             part(score, tokens), part(agree, tokens), {l: t for l in layers}, num_layers).items()
             if k in ("agreement", "mean_depth")}} for t in (0.8, 0.85, 0.9, 0.93, 0.95, 0.97, 0.98, 0.99)]
-            for name, score in (("predictor", conf), ("max_softmax", maxprob))}
+            for name, score in (("predictor and margin", conf), ("predictor", ungated), ("max_softmax", maxprob))}
 
     per_layer = []
     for l in layers:
@@ -153,7 +180,8 @@ def build_report(engine, bank, agree, maxprob, conf, feats, held, domains, cfg, 
         per_layer.append(row)
     summary = {
         "model": engine.name, "head_type": cfg.head_type, "num_layers": num_layers, "exit_layers": layers,
-        "target": cfg.target, "threshold": level, "thresholds": thresholds, "eval_tokens": len(evals),
+        "target": cfg.target, "threshold": level, "margin": bank.margin,
+        "exit_vocab": 0 if bank.vocab is None else len(bank.vocab), "thresholds": thresholds, "eval_tokens": len(evals),
         "on_policy": bool(feats.on_policy[evals].all()), "rounds": cfg.rounds, "domains": per_domain,
         "agreement": sim["agreement"], "mean_depth": sim["mean_depth"],
         "exit_share_by_layer": sim["exit_share_by_layer"],
@@ -180,8 +208,8 @@ def plot_report(report: CalibrationReport, path: Path) -> None:
               title=f"exit depth @ threshold {s['threshold']}: agree {s['agreement']:.3f}, depth {s['mean_depth']:.2f}")
     for domain, rules in report.frontier.items():
         for name, pts in rules.items():
-            ax[2].plot([p["mean_depth"] for p in pts], [p["agreement"] for p in pts], "o-" if name == "predictor"
-                       else "x--", label=f"{domain}: {name}")
+            ax[2].plot([p["mean_depth"] for p in pts], [p["agreement"] for p in pts],
+                       {"predictor": "x:", "max_softmax": "x--"}.get(name, "o-"), label=f"{domain}: {name}")
     ax[2].set(xlabel="mean exit depth (fraction of layers)", ylabel="agreement",
               title="quality vs depth per domain (held-out prompts)")
     ax[2].legend(fontsize=8)

@@ -31,6 +31,18 @@ def test_a_point_is_checked_while_the_whole_batch_leaving_there_pays_for_the_che
     assert gate.plan(points, rows=4, depth=30) == {28}
 
 
+def test_sparing_the_lm_head_makes_a_deep_point_pay_at_a_larger_batch():
+    gate, with_head = _gate(3e-4), _gate(3e-4, head_s=4e-3)  # the exit vocabulary spares 4 ms of LM head
+    for g in (gate, with_head):
+        for _ in range(50):
+            g.observe({28}, [28, 28, 28, NEVER])
+    # batch 8: 0.75**8 * 2 ms = 0.2 ms is below a 0.3 ms check; with the head 0.75**8 * 6 ms = 0.6 ms is not
+    assert gate.plan([28], rows=8, depth=30) == {28}  # the first step explores
+    assert gate.plan([28], rows=8, depth=30) == set()
+    with_head.plan([28], rows=8, depth=30)
+    assert with_head.plan([28], rows=8, depth=30) == {28}
+
+
 def test_every_sixteenth_step_explores_and_an_unseen_point_is_checked():
     gate = _gate(explore_every=16)
     for _ in range(200):

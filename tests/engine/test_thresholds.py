@@ -4,7 +4,7 @@ import torch
 
 from types import SimpleNamespace
 
-from engine.thresholds import OFF, choose_threshold, depth_for_share, halves, place_exits, simulate
+from engine.thresholds import OFF, choose_rule, choose_threshold, depth_for_share, gate, halves, place_exits, simulate
 
 
 def test_one_threshold_holds_the_target_in_every_domain():
@@ -46,3 +46,16 @@ def test_greedy_loading_depth_and_exit_placement():
     sim = {"exit_share_by_layer": {2: 1, 20: 50, 30: 49}, "tokens": 100}
     placed = place_exits({2: 0.9, 20: 0.8}, sim, num_layers=30, cost_in_layers=0.5)
     assert placed == {2: OFF, 20: 0.8}  # 1% of tokens saving 28 layers does not pay 0.5 layer per token
+
+
+def test_a_margin_lets_a_lower_threshold_keep_the_target():
+    # at layer 2 the predictor cannot tell tokens 2-3 (wrong) from 0-1 (right); the head's margin can
+    conf = {2: torch.tensor([0.9, 0.9, 0.9, 0.9]), 4: torch.tensor([0.99] * 4)}
+    agree = {2: torch.tensor([True, True, False, False]), 4: torch.tensor([True] * 4)}
+    margin = {2: torch.tensor([3.5, 2.5, 0.5, 1.5]), 4: torch.tensor([5.0] * 4)}
+    domain = torch.zeros(4, dtype=torch.long)
+    assert gate(conf, margin, 2.0)[2].tolist() == pytest.approx([0.9, 0.9, 0.0, 0.0])
+    m, t = choose_rule(conf, agree, margin, domain, 0.95, num_layers=6, with_margin=True)
+    assert m == 2.0 and t <= 0.9  # tokens 0-1 leave at layer 2, 2-3 at layer 4: all agree
+    # without an exit vocabulary there is no margin check: the predictor alone must hold the target
+    assert choose_rule(conf, agree, margin, domain, 0.95, num_layers=6, with_margin=False) == (0.0, pytest.approx(0.905))
