@@ -28,7 +28,7 @@ from deployments import openai_schema as oai
 from deployments.contracts import GenerateRequest
 from deployments import operator as op
 from deployments.http_limits import BodyLimit, GatewayConfig, key_accepted
-from deployments.model_server import StepFailed
+from deployments.streaming import StepFailed
 from engine import RequestError
 from telemetry.metrics import GatewayMetrics
 

@@ -1,19 +1,18 @@
-"""One Serve deployment class, bound once per candidate EE-LLM.
+"""One Serve deployment class, bound once per candidate EE-LLM: a shim over its parts.
 
-The engine steps in its own thread, one step after another: it hands each step's outputs to the
-replica's event loop, which streams them, and never waits for that loop, so a busy loop (streaming,
-Ray calls) costs no step. Anything that changes the engine (load_layers, aborts, thresholds) is
-queued and applied by that thread between steps, so a step never sees a half-changed model.
+- the engine, stepped by its own thread (deployments.engine_loop), which alone touches it;
+- requests: chat templating and tokenising (off the event loop), then the engine's admission checks;
+- streams: each request's outputs as Chunks, text held back where a stop string may cut it
+  (deployments.streaming);
+- shadow sampling of early exits for the full-depth verifier (deployments.shadow);
+- telemetry and metrics, and the stats the gateway and controller read.
 """
 from __future__ import annotations
 
 import asyncio
-import collections
 import concurrent.futures
 import logging
 import os
-import random
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import asdict
@@ -25,7 +24,11 @@ from ray import serve
 
 from controller.actor import STATE, depth_field
 from deployments.contracts import Chunk, GenerateRequest, ServerStats
-from engine import EngineConfig, LLMEngine, RequestError, SamplingParams
+from deployments.engine_loop import EngineLoop
+from deployments.shadow import ShadowSampler
+from deployments.streaming import HoldBack
+from engine import EngineConfig, LLMEngine, RequestError
+from engine.sequence import StepOutput
 from engine.protocol import Engine
 from telemetry.metrics import ServerMetrics
 from telemetry.schema import TelemetryConfig
@@ -63,10 +66,6 @@ class CandidateConfig(BaseModel):
         return self.max_ongoing_requests or 2 * self.engine.max_batch_size
 
 
-class StepFailed(RuntimeError):
-    """The engine step that carried this request failed; the replica and its other requests go on."""
-
-
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ModelServer:
     def __init__(self, candidate: dict, telemetry: dict, verifier=None,
@@ -75,25 +74,19 @@ class ModelServer:
         # scripted one runs this class in fast tests, with no model and no Ray
         cfg = CandidateConfig.model_validate(candidate)
         self.name = cfg.name
-        self.verifier, self.shadow_rate = verifier, cfg.shadow_rate if verifier is not None else 0.0
-        self._history: dict[str, tuple[list[int], SamplingParams]] = {}  # tokens so far, for shadow samples
-        # recent verifier calls stay referenced here: nothing awaits them, and a dropped response
-        # object must not take its request with it
-        self._in_flight_checks: collections.deque = collections.deque(maxlen=256)
         self.engine: Engine = engine_cls(cfg.engine)
         self.writer = TelemetryWriter(self.name, TelemetryConfig.model_validate(telemetry))
         self.metrics = ServerMetrics(self.name, self.engine.num_layers)
-        self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
+        self.shadow = ShadowSampler(self.name, verifier, cfg.shadow_rate, self.engine.num_layers)
         self.flush_every = self.writer.config.flush_every_s
+        self.loop = EngineLoop(self.name, self.engine, self.writer, self.metrics, self._deliver, self.flush_every)
         # tokenising a long prompt and writing telemetry to a slow Redis must hold up neither the
         # event loop nor the step thread: each has its own thread
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tok")
         self._flush_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-flush")
         self._restore_depth()
-        self._ops: collections.deque = collections.deque()
-        self._queues: dict[str, asyncio.Queue] = {}
-        self._wake = threading.Event()  # work arrived for the step thread
-        self._stepper: threading.Thread | None = None
+        self._queues: dict[str, asyncio.Queue] = {}  # request -> its stream's outputs
+        self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
         self._flush_task: asyncio.Task | None = None
         self._served = 0
 
@@ -111,20 +104,13 @@ class ModelServer:
         rid = self.engine.add_request(prompt, params, request.request_id)  # raises RequestError
         self._queues[rid] = queue
         self._timing[rid] = [time.perf_counter(), 0.0]
-        if self.shadow_rate:
-            self._history[rid] = (list(prompt), params)
-        self._wake.set()
-        sent, finished = "", False
-        # a stop string can begin in text already produced; holding back its length minus one keeps
-        # what the client has received a prefix of the final, cut text
-        hold = max((len(s) for s in params.stop), default=1) - 1
+        self.shadow.track(rid, prompt, params)
+        self.loop.wake()
+        text, finished = HoldBack(params), False
         try:
             while True:
                 out, exits = await queue.get()
-                if out.finish_reason == "error":
-                    raise StepFailed(f"generation failed: {out.error}")
-                shown = out.text if out.finished else out.text[:max(len(sent), len(out.text) - hold)]
-                delta, sent = shown[len(sent):], shown
+                delta = text.delta(out)  # raises StepFailed
                 yield Chunk(rid, delta, out.new_token_ids, out.finished, out.finish_reason, out.num_prompt_tokens,
                             out.num_output_tokens, self.name, [e.layer for e in exits],
                             sum(e.greedy for e in exits), self.engine.depth)
@@ -132,12 +118,12 @@ class ModelServer:
                     finished = True
                     return
         finally:
-            self._history.pop(rid, None)
+            self.shadow.forget(rid)
             self._timing.pop(rid, None)
-            # the client went away first; the engine's queues belong to the step thread, so the abort
-            # runs there (an abort of a request that finished meanwhile does nothing)
+            # the client went away first; the engine belongs to the step thread, so the abort runs
+            # there (an abort of a request that finished meanwhile does nothing)
             if self._queues.pop(rid, None) is not None and not finished:
-                self._ops.append(lambda: self.engine.abort(rid))
+                self.loop.call_soon(lambda: self.engine.abort(rid))
 
     def _tokenize(self, prompt: str) -> list[int]:
         return self.engine.tokenizer(prompt)["input_ids"]
@@ -154,7 +140,8 @@ class ModelServer:
         def grow():
             self.engine.load_layers(depth)
             return self.engine.depth
-        return await self._between_steps(grow)
+        self._start()
+        return await self.loop.between_steps(grow)
 
     async def set_thresholds(self, thresholds: dict[int, float]) -> dict[int, float]:
         """Move exit thresholds between two steps; returns the thresholds now served."""
@@ -162,23 +149,8 @@ class ModelServer:
             if self.engine.exits is not None:
                 self.engine.exits.set_thresholds({int(l): t for l, t in thresholds.items()})
             return self._thresholds()
-        return await self._between_steps(move)
-
-    async def _between_steps(self, fn):
-        """Run `fn` on the step thread between two steps; its result or error reaches the caller,
-        and the replica keeps serving either way."""
         self._start()
-        loop = asyncio.get_running_loop()
-        done: asyncio.Future = loop.create_future()
-
-        def op():
-            try:
-                loop.call_soon_threadsafe(done.set_result, fn())
-            except Exception as e:
-                loop.call_soon_threadsafe(done.set_exception, e)
-        self._ops.append(op)
-        self._wake.set()
-        return await done
+        return await self.loop.between_steps(move)
 
     def _restore_depth(self) -> None:
         """A replica that replaces a dead one comes back at the depth the controller last set."""
@@ -204,33 +176,21 @@ class ModelServer:
                            exits.meta if exits else None, self._thresholds(), torch.get_num_threads(), os.nice(0))
 
     def check_health(self) -> None:
-        if self._stepper is not None and not self._stepper.is_alive():
+        if not self.loop.alive():
             raise RuntimeError("the step thread died")
 
-    def _shadow_sample(self, out) -> None:
-        """Send a sample of this step's early and greedy exits to the full-depth verifier."""
-        samples = []
-        tokens = {o.request_id: o.new_token_ids for o in out.outputs}
-        for rec in out.exits:
-            history, params = self._history.get(rec.request_id, (None, None))
-            if history is None:
-                continue
-            if rec.layer < self.engine.num_layers and random.random() < self.shadow_rate:
-                # a greedy exit (unconfident at the last loaded layer) is no threshold's doing: layer 0
-                samples.append((history[: rec.position], tokens[rec.request_id][0], 0 if rec.greedy else rec.layer,
-                                params.temperature, params.top_p))
-            history.extend(tokens[rec.request_id])
-        if samples:  # fire and forget: the verifier writes its findings to telemetry itself
-            self._in_flight_checks.append(self.verifier.verify.remote(self.name, samples))
-
-    # ---- the step loop ---------------------------------------------------------------------------
+    # ---- on the event loop ---------------------------------------------------------------------
     def _start(self) -> None:
-        if self._stepper is None:
-            loop = asyncio.get_running_loop()
-            self._stepper = threading.Thread(target=self._step_forever, args=(loop,), daemon=True,
-                                             name=f"{self.name}-step")
-            self._stepper.start()
-            self._flush_task = loop.create_task(self._flush())
+        self.loop.start()
+        if self._flush_task is None:
+            self._flush_task = asyncio.get_running_loop().create_task(self._flush())
+
+    async def _flush(self) -> None:
+        """Telemetry on its own thread: a hung Redis delays no token."""
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(self.flush_every)
+            await loop.run_in_executor(self._flush_pool, self.writer.flush)  # a failed flush keeps its data
 
     def _observe_latency(self, rid: str, now: float) -> None:
         timing = self._timing.get(rid)
@@ -242,47 +202,13 @@ class ModelServer:
             self.metrics.ttft.observe(now - timing[0])
         timing[1] = now
 
-    def _step(self):
-        while self._ops:
-            op = self._ops.popleft()
-            try:
-                op()
-            except Exception:  # noqa: BLE001 - e.g. an abort of a request already gone
-                log.exception("%s: operation between steps failed", self.name)
-        if not self.engine.has_unfinished():
-            return None
-        t = time.perf_counter()
-        out = self.engine.step()
-        self.writer.record(out.exits, time.perf_counter() - t)
-        self.metrics.step(out.exits, self.engine.depth, *self.engine.queue_lengths(), self.engine.capacity)
-        return out
-
-    def _step_forever(self, loop: asyncio.AbstractEventLoop) -> None:
-        while True:
-            self._wake.clear()  # before looking for work: a wake-up after this is never lost
-            try:
-                out = self._step()
-            except Exception:  # noqa: BLE001 - an operation between steps failed; the loop goes on
-                log.exception("%s: step loop iteration failed", self.name)
-                continue
-            if out is None:
-                self._wake.wait(timeout=self.flush_every)
-                continue
-            loop.call_soon_threadsafe(self._deliver, out)
-
-    async def _flush(self) -> None:
-        """Telemetry on its own thread: a hung Redis delays no token."""
-        loop = asyncio.get_running_loop()
-        while True:
-            await asyncio.sleep(self.flush_every)
-            await loop.run_in_executor(self._flush_pool, self.writer.flush)  # a failed flush keeps its data
-
-    def _deliver(self, out) -> None:
-        by_request: dict[str, list] = collections.defaultdict(list)
+    def _deliver(self, out: StepOutput) -> None:
+        """One step's outputs, handed over by the step thread: to their streams."""
+        by_request: dict[str, list] = {}
         for rec in out.exits:
-            by_request[rec.request_id].append(rec)
+            by_request.setdefault(rec.request_id, []).append(rec)
         try:
-            self._shadow_sample(out)
+            self.shadow.sample(out)
         except Exception:  # noqa: BLE001 - quality sampling must never cost a request
             log.exception("%s: shadow sampling failed", self.name)
         now = time.perf_counter()
@@ -291,4 +217,4 @@ class ModelServer:
             self._observe_latency(o.request_id, now)
             q = self._queues.get(o.request_id)
             if q is not None:
-                q.put_nowait((o, by_request[o.request_id]))
+                q.put_nowait((o, by_request.get(o.request_id, [])))

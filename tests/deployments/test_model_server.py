@@ -7,7 +7,8 @@ from functools import partial
 import pytest
 
 from deployments.contracts import GenerateRequest
-from deployments.model_server import ModelServer, StepFailed
+from deployments.model_server import ModelServer
+from deployments.streaming import StepFailed
 from engine import RequestError, SamplingParams
 from tests.deployments.scripted_engine import ScriptedEngine
 
