@@ -41,10 +41,10 @@ class ExitGate:
     cost: LayerCost
     check_s: float  # one exit check over a full batch
     kv_fill: Literal["deferred", "copy", "none"] = "deferred"
-    head_s: float = 0.0  # the full LM head's read, spared when the whole batch leaves through the exit vocabulary
     # under the `buffer` policy a point also pays when the rows expected to continue there are few
     # enough for the buffer to hold them
     buffer: BufferPlanner | None = None
+    head_s: float = 0.0  # the full LM head's read, spared when the whole batch leaves through the exit vocabulary
     explore_every: int = 16
     decay: float = 0.97  # weight of past steps in R_l per step observed, so R_l follows the workload
     steps: int = 0

@@ -138,6 +138,8 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             continue
         c = point.predictor(last, before)
         confident = c >= point.threshold
+        if buffer is None and not bool(confident.any()):
+            continue  # the common case at full depth: nothing to record (a small batch's check is mostly this)
         started = confident & (tok_level <= i)
         short = None
         if bank.vocab_weight is not None and bool((started & live).any()):
@@ -169,6 +171,7 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
                             depth)
             if hold is not None:  # they leave the stack like done rows, without a token
                 out[rows[hold]] = 0
+                vocab.tokenless.append(rows[hold])
                 rec.conf[rows[hold].cpu()] = 0.0
                 result.held += rows[hold].tolist()
                 live &= ~hold
@@ -237,24 +240,27 @@ class _VocabRows:
         self.bank, self.b = bank, b
         self.rows: list[torch.Tensor] = []
         self.parts: list[torch.Tensor] = []
+        self.tokenless: list[torch.Tensor] = []  # rows held in the buffer: no token this step
 
     def put(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
         self.rows.append(rows)
         self.parts.append(logits)
 
     def logits(self, model: EEModel, out: torch.Tensor) -> torch.Tensor:
-        if not self.rows:
+        if not self.rows and not self.tokenless:
             return model.logits(out)
-        rows, short = torch.cat(self.rows), torch.cat(self.parts)
         n_vocab = model.lm_head_weight.shape[0]
-        logits = torch.full((self.b, n_vocab), float("-inf"), device=out.device, dtype=short.dtype)
+        logits = torch.full((self.b, n_vocab), float("-inf"), device=out.device, dtype=out.dtype)
         full = torch.ones(self.b, dtype=torch.bool, device=out.device)
-        full[rows] = False
+        for rows in self.rows + self.tokenless:
+            full[rows] = False
         if bool(full.any()):
-            logits[full] = model.logits(out[full]).to(short.dtype)
-        sub = torch.full((len(rows), n_vocab), float("-inf"), device=out.device, dtype=short.dtype)
-        sub[:, self.bank.vocab] = short
-        logits[rows] = sub
+            logits[full] = model.logits(out[full]).to(out.dtype)
+        if self.rows:
+            rows, short = torch.cat(self.rows), torch.cat(self.parts)
+            sub = torch.full((len(rows), n_vocab), float("-inf"), device=out.device, dtype=out.dtype)
+            sub[:, self.bank.vocab] = short.to(out.dtype)
+            logits[rows] = sub
         return logits
 
 
