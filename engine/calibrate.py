@@ -22,7 +22,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from engine.config import SamplingParams
@@ -33,6 +33,8 @@ from engine.thresholds import CalibrationReport, build_report, choose_rule, halv
 
 
 class CalibrationConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
     model: str = Field("smollm2", description="Model name or checkpoint directory.")
     head_type: str = Field("linear", description="'linear' (residual adapter) or 'mlp'.")
     layers: list[int] | None = Field(None, description="Exit layers; default every 2nd layer from 2 to L-1.")

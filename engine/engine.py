@@ -23,7 +23,7 @@ from engine.exits import ExitBank
 from engine.memory import MemoryModel, budget_bytes
 from engine.model import EEModel
 from engine.rebatch import RebatchPlanner, measure_cost
-from engine.runner import extend_stack, run_stack
+from engine.runner import StackOptions, extend_stack, run_stack
 from engine.sampling import sample
 from engine.scheduler import Scheduler
 from engine.sequence import ExitRecord, PrefillChunk, Sequence, StepOutput
@@ -208,8 +208,9 @@ class LLMEngine:
         cfg = self.config
         slack = None if is_prefill or self.buffer is None else self._slack(work, start)
         checked = None if is_prefill or self.gate is None or self.exits is None else self._gated_checks(len(work))
-        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, cfg.kv_fill, cfg.exit_policy,
-                          self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer, slack, checked)
+        opts = StackOptions(cfg.exit_policy, cfg.kv_fill, self.planner, cfg.batch_quorum, cfg.max_deferred, self.buffer,
+                            slack, checked)
+        stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, opts)
         if checked:
             self.gate.observe(checked, stack.confident_at)
         rows = list(range(len(work)))
@@ -311,7 +312,7 @@ class LLMEngine:
                                       torch.arange(t, device=dev).expand(len(batch), t))
             last = torch.tensor([len(p) - 1 for p in batch], device=dev)
             out.append(run_stack(self.model, None, self.model.embed_tokens(ids), ctx, last, True,
-                                 policy="full").logits.float())
+                                 StackOptions(policy="full")).logits.float())
         return torch.cat(out)
 
     def use_exits(self, bank: ExitBank | None) -> None:

@@ -37,6 +37,7 @@ import torch
 from engine import deferred
 from engine.buffer import BufferPlanner
 from engine.exit_gate import NEVER
+from engine.exit_vocab import VocabRows, vocab_check
 from engine.exits import ExitBank
 from engine.model import BatchCtx, EEModel, run_start
 from engine.rebatch import RebatchPlanner
@@ -89,118 +90,90 @@ class _Rows:
         self.involuntary = torch.zeros(self.b, dtype=torch.bool)
 
 
+@dataclass(slots=True)
+class StackOptions:
+    """How one pass treats its rows."""
+
+    policy: ExitPolicy = "rebatch"
+    kv_fill: KVFill = "deferred"
+    planner: RebatchPlanner | None = None  # rebatch: whether a regroup pays
+    quorum: float = 1.0  # batch: the share of confident rows that takes the whole batch out
+    max_deferred: int = 16  # a row with this many pending tokens rides to the last layer
+    buffer: BufferPlanner | None = None  # buffer: whether the continuing rows wait
+    # buffer: [b] how much longer each row's next token may take than one step (negative: never hold it)
+    slack_s: torch.Tensor | None = None
+    checked: set[int] | None = None  # the exit points to check (engine.exit_gate); None: every one
+
+
+@dataclass(slots=True)
+class _Batch:
+    """The rows still in the pass, each field indexed alike."""
+
+    h: torch.Tensor  # [rows, T, hidden] (a packed prefill: [1, tokens, hidden])
+    ctx: BatchCtx
+    rows: torch.Tensor  # original index of each row
+    last_idx: torch.Tensor  # index along T of each row's newest token, the one whose exit is decided
+    live: torch.Tensor  # rows without a token yet
+    tok_level: torch.Tensor  # the level each row's token starts at: above 0 after a wait in the buffer
+    prev: torch.Tensor  # each row's state at the previous exit layer: the predictor reads how far it moved
+    anchored: torch.Tensor | None  # rows whose pending tokens reached the cap: they go to the last layer
+
+    def select(self, keep: torch.Tensor) -> "_Batch":
+        return _Batch(self.h[keep], self.ctx.select(keep), self.rows[keep], self.last_idx[keep], self.live[keep],
+                      self.tok_level[keep], self.prev[keep], None if self.anchored is None else self.anchored[keep])
+
+    def lasts(self) -> torch.Tensor:
+        return _lasts(self.h, self.last_idx, self.ctx)
+
+
 @torch.inference_mode()
 def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: BatchCtx, last_idx: torch.Tensor,
-              is_prefill: bool, kv_fill: KVFill = "deferred", policy: ExitPolicy = "rebatch",
-              planner: RebatchPlanner | None = None, quorum: float = 1.0, max_deferred: int = 16,
-              buffer: BufferPlanner | None = None, slack_s: torch.Tensor | None = None,
-              checked: set[int] | None = None) -> StackOutput:
+              is_prefill: bool, opts: StackOptions | None = None) -> StackOutput:
     # h: [b, T, hidden]; last_idx: [b] index of each row's final real token along T. Decode under
     # the deferred fill: T columns per row (new token first, then its pending tokens) and ctx.level.
-    # `buffer` (policy "buffer"): may hold the rows that continue past an exit point; `slack_s`: [b]
-    # how much longer each row's next token may take than one step (negative: never hold it);
-    # `checked`: the exit points to check (engine.exit_gate), None for every one
+    opts = opts or StackOptions()
     b, depth = len(last_idx), model.depth  # rows: sequences (a packed prefill holds them in one row of h)
     columns = ctx.level is not None and (h.shape[1] > 1 or bool(ctx.level.any()))
-    # the level each row's token starts at: above 0 for a token that waited in the buffer. Its exit
-    # points before that level were judged last step
-    tok_level = (ctx.level[torch.arange(b, device=h.device), last_idx] if columns
-                 else torch.zeros(b, dtype=torch.long, device=h.device))
-    # rows whose pending tokens reached the cap go to the last layer: bounds a row's columns
-    anchored = deferred.pending_counts(ctx) >= max_deferred if columns else None
+    zeros = torch.zeros(b, dtype=torch.long, device=h.device)
+    batch = _Batch(h, ctx, torch.arange(b, device=h.device), last_idx, torch.ones(b, dtype=torch.bool, device=h.device),
+                   # a token that waited in the buffer starts above 0: its earlier exit points were judged last step
+                   ctx.level[torch.arange(b, device=h.device), last_idx] if columns else zeros,
+                   _lasts(h, last_idx, ctx),  # the embeddings, before the first exit layer
+                   deferred.pending_counts(ctx) >= opts.max_deferred if columns else None)
     # each row's hidden state after its exit head; the vocabulary projection, memory-bound on the
     # LM head's weights, then runs once per step for all rows whatever layers they left at
     out = torch.empty(b, h.shape[-1], device=h.device, dtype=h.dtype)
-    vocab = _VocabRows(b, bank)
-    rec = _Rows(b, depth)
-    result = StackOutput(out, [])
-    rows = torch.arange(b, device=h.device)  # original index of each row still in the batch
-    live = torch.ones(b, dtype=torch.bool, device=h.device)  # rows without a token yet
-    checks = {} if policy == "full" or bank is None else {
-        l: p for l, p in bank.points.items() if l < depth and p.threshold <= 1.0 and (checked is None or l in checked)}
+    vocab, rec, result = VocabRows(b, bank), _Rows(b, depth), StackOutput(out, [])
+    checks = {} if opts.policy == "full" or bank is None else {
+        l: p for l, p in bank.points.items()
+        if l < depth and p.threshold <= 1.0 and (opts.checked is None or l in opts.checked)}
     refs = _states_needed(bank, checks, depth, model.num_layers_total)
     first_conf = torch.full((b,), NEVER, dtype=torch.long, device=h.device)
-    # each row's state at the previous exit layer (the embeddings before the first): the predictor
-    # reads how far it moved
-    prev = _lasts(h, last_idx, ctx)
 
     for i in range(depth):
         if columns:
-            result.row_layers += deferred.layer_step(model, i, h, ctx)
+            result.row_layers += deferred.layer_step(model, i, batch.h, batch.ctx)
         else:
-            h = model.layer_forward(i, h, ctx)
-            result.row_layers += len(last_idx)
+            batch.h = model.layer_forward(i, batch.h, batch.ctx)
+            result.row_layers += len(batch.rows)
         if i + 1 not in refs or i + 1 == depth:  # the last loaded layer is judged in _exit_at_depth
             continue
-        last = _lasts(h, last_idx, ctx)
-        point, before, prev = checks.get(i + 1), prev, last
+        last = batch.lasts()
+        point, before, batch.prev = checks.get(i + 1), batch.prev, last
         if point is None:
             continue
-        c = point.predictor(last, before)
-        confident = c >= point.threshold
-        if buffer is None and not bool(confident.any()):
-            continue  # the common case at full depth: nothing to record (a small batch's check is mostly this)
-        started = confident & (tok_level <= i)
-        short = None
-        if bank.vocab_weight is not None and bool((started & live).any()):
-            short = _vocab_check(model, bank, point, last, started & live)
-            confident = short.passed | (confident & ~live)
-            started = confident & (tok_level <= i)
-        first_conf[rows[started]] = torch.clamp(first_conf[rows[started]], max=i + 1)
-        leave = started & live
-        if policy == "batch":
-            n_live = int(live.sum())
-            if int(leave.sum()) < max(1, quorum * n_live):
-                continue  # rows wait for the slowest
-            leave = live.clone()
-        if bool(leave.any()):
-            idx = leave.nonzero().squeeze(1)
-            if short is not None and len(short.idx):  # every row that passed leaves now
-                vocab.put(rows[short.idx], short.logits)
-                result.vocab_exits += len(short.idx)
-                idx_full = idx[~torch.isin(idx, short.idx)]
-            else:
-                idx_full = idx
-            out[rows[idx_full]] = point.head(last[idx_full])
-            cpu_idx = rows[idx].cpu()
-            rec.layer[cpu_idx], rec.conf[cpu_idx] = i + 1, c[idx].float().cpu()
-            rec.involuntary[cpu_idx] = ~confident[idx].cpu()
-            live &= ~leave
-        if buffer is not None and not is_prefill:
-            hold = _to_hold(buffer, live, anchored, tok_level, None if slack_s is None else slack_s[rows], b, i + 1,
-                            depth)
-            if hold is not None:  # they leave the stack like done rows, without a token
-                out[rows[hold]] = 0
-                vocab.tokenless.append(rows[hold])
-                rec.conf[rows[hold].cpu()] = 0.0
-                result.held += rows[hold].tolist()
-                live &= ~hold
-                leave = leave | hold
-        if is_prefill or not bool(leave.any()):
-            continue
-        stay = live if anchored is None else live | anchored
-        n_stay = int(stay.sum())
-        if n_stay == h.shape[0]:
-            continue
-        if n_stay:  # some rows could leave while others go on: a regroup
-            if policy not in ("rebatch", "buffer"):
-                continue  # greedy and batch: done rows ride along
-            loses_view = ctx.first_slot is not None and run_start(stay.nonzero().squeeze(1)) is None
-            if planner is not None and not planner.decide(h.shape[0], h.shape[0] - n_stay, depth - i - 1,
-                                                          ctx.length, loses_view).split:
-                result.splits_skipped += 1
-                continue
-            result.splits += 1
-        done = (~stay).nonzero().squeeze(1)  # every row with a token, riders included
-        _leave(model, kv_fill, i + 1, h[done], ctx.select(done))
-        if n_stay == 0:
+        leave = _take_tokens(model, bank, point, i + 1, batch, last, before, opts, first_conf, out, vocab, rec,
+                             result)
+        if opts.buffer is not None and not is_prefill:
+            leave = _hold(opts, i + 1, depth, batch, b, leave, out, vocab, rec, result)
+        if is_prefill or leave is None:
+            continue  # prefill: every position must reach every layer
+        batch = _retire(model, opts, i + 1, depth, batch, result)
+        if batch is None:
             break
-        keep = stay.nonzero().squeeze(1)
-        h, ctx, rows, last_idx, live = h[keep], ctx.select(keep), rows[keep], last_idx[keep], live[keep]
-        tok_level = tok_level[keep]
-        prev, anchored = prev[keep], None if anchored is None else anchored[keep]
     else:
-        _exit_at_depth(model, bank, h, ctx, rows, last_idx, live, is_prefill, out, rec, prev)
+        _exit_at_depth(model, bank, batch.h, batch.ctx, batch.rows, batch.last_idx, batch.live, is_prefill, out, rec,
+                       batch.prev)
 
     logits = vocab.logits(model, out)
     final_head = rec.conf.isnan()
@@ -213,55 +186,81 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
     return result
 
 
-@dataclass(slots=True)
-class _Short:
-    passed: torch.Tensor  # [rows] bool: the predictor passed them and their head has a clear winner
-    idx: torch.Tensor  # their batch indices
-    logits: torch.Tensor  # [len(idx), V] their head's logits over the exit vocabulary
+def _take_tokens(model, bank, point, layer: int, batch: _Batch, last, before, opts: StackOptions, first_conf, out,
+                 vocab, rec: _Rows, result: StackOutput) -> torch.Tensor | None:
+    """Who leaves at exit point `layer` under the policy, their tokens taken from its head: the
+    rows that now have a token ([rows] bool), or None when nobody leaves here."""
+    c = point.predictor(last, before)
+    confident = c >= point.threshold
+    if opts.buffer is None and not bool(confident.any()):
+        return None  # the common case at full depth: nothing to record (a small batch's check is mostly this)
+    live = batch.live
+    started = confident & (batch.tok_level < layer)
+    short = None
+    if bank.vocab_weight is not None and bool((started & live).any()):
+        short = vocab_check(model, bank, point, last, started & live)
+        confident = short.passed | (confident & ~live)
+        started = confident & (batch.tok_level < layer)
+    rows = batch.rows
+    first_conf[rows[started]] = torch.clamp(first_conf[rows[started]], max=layer)
+    leave = started & live
+    if opts.policy == "batch":
+        if int(leave.sum()) < max(1, opts.quorum * int(live.sum())):
+            return None  # rows wait for the slowest
+        leave = live.clone()
+    if not bool(leave.any()):
+        return None
+    idx = leave.nonzero().squeeze(1)
+    if short is not None and len(short.idx):  # every row that passed leaves now
+        vocab.put(rows[short.idx], short.logits)
+        result.vocab_exits += len(short.idx)
+        idx = idx[~torch.isin(idx, short.idx)]
+    out[rows[idx]] = point.head(last[idx])
+    cpu_idx = rows[leave].cpu()
+    rec.layer[cpu_idx], rec.conf[cpu_idx] = layer, c[leave].float().cpu()
+    rec.involuntary[cpu_idx] = ~confident[leave].cpu()
+    batch.live = live & ~leave
+    return leave
 
 
-def _vocab_check(model: EEModel, bank: ExitBank, point, last: torch.Tensor, cand: torch.Tensor) -> _Short:
-    """Rows `cand` ([rows] bool) that the predictor passed: their exit head over the exit vocabulary;
-    a row passes if its top token beats the runner-up by the bank's margin."""
-    idx = cand.nonzero().squeeze(1)
-    logits = model.vocab_logits(point.head(last[idx]), bank.vocab_weight)
-    top = logits.topk(2, -1).values
-    ok = top[:, 0] - top[:, 1] >= bank.margin
-    passed = torch.zeros_like(cand)
-    passed[idx[ok]] = True
-    return _Short(passed, idx[ok], logits[ok])
+def _hold(opts: StackOptions, layer: int, depth: int, batch: _Batch, b: int, leave, out, vocab, rec: _Rows,
+          result: StackOutput) -> torch.Tensor | None:
+    """The buffer: the continuing rows may wait at `layer` for the next step's; they then leave the
+    stack like rows with a token, without one."""
+    slack = None if opts.slack_s is None else opts.slack_s[batch.rows]
+    hold = _to_hold(opts.buffer, batch.live, batch.anchored, batch.tok_level, slack, b, layer, depth)
+    if hold is None:
+        return leave
+    held = batch.rows[hold]
+    out[held] = 0
+    vocab.tokenless.append(held)
+    rec.conf[held.cpu()] = 0.0
+    result.held += held.tolist()
+    batch.live = batch.live & ~hold
+    return hold if leave is None else leave | hold
 
 
-class _VocabRows:
-    """Logits of the rows that left through the exit vocabulary; the full LM head runs only for
-    the others, and not at all when there are none."""
-
-    def __init__(self, b: int, bank: ExitBank | None):
-        self.bank, self.b = bank, b
-        self.rows: list[torch.Tensor] = []
-        self.parts: list[torch.Tensor] = []
-        self.tokenless: list[torch.Tensor] = []  # rows held in the buffer: no token this step
-
-    def put(self, rows: torch.Tensor, logits: torch.Tensor) -> None:
-        self.rows.append(rows)
-        self.parts.append(logits)
-
-    def logits(self, model: EEModel, out: torch.Tensor) -> torch.Tensor:
-        if not self.rows and not self.tokenless:
-            return model.logits(out)
-        n_vocab = model.lm_head_weight.shape[0]
-        logits = torch.full((self.b, n_vocab), float("-inf"), device=out.device, dtype=out.dtype)
-        full = torch.ones(self.b, dtype=torch.bool, device=out.device)
-        for rows in self.rows + self.tokenless:
-            full[rows] = False
-        if bool(full.any()):
-            logits[full] = model.logits(out[full]).to(out.dtype)
-        if self.rows:
-            rows, short = torch.cat(self.rows), torch.cat(self.parts)
-            sub = torch.full((len(rows), n_vocab), float("-inf"), device=out.device, dtype=out.dtype)
-            sub[:, self.bank.vocab] = short.to(out.dtype)
-            logits[rows] = sub
-        return logits
+def _retire(model: EEModel, opts: StackOptions, layer: int, depth: int, batch: _Batch,
+            result: StackOutput) -> _Batch | None:
+    """After some rows got their token at `layer`: whether the rows with a token leave the batch (a
+    regroup, when others go on) and their KV is filled, or ride along. The batch that goes on, or
+    None when no row does."""
+    stay = batch.live if batch.anchored is None else batch.live | batch.anchored
+    n, n_stay = len(batch.rows), int(stay.sum())
+    if n_stay == n:
+        return batch
+    if n_stay:  # some rows could leave while others go on: a regroup
+        if opts.policy not in ("rebatch", "buffer"):
+            return batch  # greedy and batch: done rows ride along
+        loses_view = batch.ctx.first_slot is not None and run_start(stay.nonzero().squeeze(1)) is None
+        if opts.planner is not None and not opts.planner.decide(n, n - n_stay, depth - layer, batch.ctx.length,
+                                                                loses_view).split:
+            result.splits_skipped += 1
+            return batch
+        result.splits += 1
+    done = (~stay).nonzero().squeeze(1)  # every row with a token, riders included
+    _leave(model, opts.kv_fill, layer, batch.h[done], batch.ctx.select(done))
+    return batch.select(stay.nonzero().squeeze(1)) if n_stay else None
 
 
 def _states_needed(bank: ExitBank | None, checks: dict, depth: int, total: int) -> set[int]:
