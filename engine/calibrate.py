@@ -12,6 +12,9 @@
    picks on that text are the labels, and the predictors are trained again on both rounds.
 6. One threshold for every exit layer, the lowest that keeps the target agreement in every
    domain on held-out prompts (engine.thresholds), written with the per-domain report.
+An exit vocabulary (the text's most frequent tokens, engine.exits) is fixed before the heads are
+scored: agreement is then the head's top token among those, and the margin its check requires is
+chosen together with the threshold.
 """
 from __future__ import annotations
 

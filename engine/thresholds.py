@@ -53,8 +53,8 @@ def gate(conf: dict, margin: dict, m: float) -> dict:
 def choose_rule(conf: dict, agree: dict, margin: dict, domain: torch.Tensor, target: float, num_layers: int,
                 with_margin: bool) -> tuple[float, float]:
     """(margin, threshold): for each candidate margin its lowest threshold keeping `target` in every
-    domain; the pair whose tokens leave shallowest. A gap no token clears stays unused at 0 without
-    an exit vocabulary (its check reads the full head, which the predictor is there to spare)."""
+    domain; the pair whose tokens leave shallowest. Without an exit vocabulary the margin stays 0:
+    reading it would take the full LM head at every check, which the predictor is there to spare."""
     best = (float("inf"), 0.0, OFF)
     for m in MARGINS if with_margin else (0.0,):
         gated = gate(conf, margin, m)
