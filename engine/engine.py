@@ -64,6 +64,7 @@ class EngineStats:
     preempted: int = 0  # sequences sent back to waiting when a deeper stack left room for fewer
     held: int = 0  # tokens that waited one step in the rebatching buffer (`buffer` policy)
     checks_skipped: int = 0  # exit checks the exit gate left out because they could not pay
+    vocab_exits: int = 0  # tokens taken from the exit vocabulary (engine.exits), sparing the full LM head
 
 
 @dataclass(slots=True)
@@ -241,6 +242,7 @@ class LLMEngine:
         st.greedy_exits += sum(e.greedy for e in exits)
         st.involuntary_exits += sum(e.involuntary for e in exits)
         st.held += len(stack.held)
+        st.vocab_exits += stack.vocab_exits
         st.checks_skipped = self.gate.skipped if self.gate is not None else 0
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
@@ -330,7 +332,7 @@ class LLMEngine:
 
     def _bind(self, bank: ExitBank) -> ExitBank:
         bank.to(self.model.device, self.dtype)
-        if not self.config.exit_vocab:
+        if not self.config.exit_vocab:  # this engine's exits read the full head
             bank.vocab = None
         return bank.bind_head(self.model.lm_head_weight)
 

@@ -42,6 +42,7 @@ def test_rows_that_leave_through_the_vocabulary_skip_the_lm_head(smollm2_calibra
     assert all(e.layer == 2 for r in results for e in r.exits)
     assert all(t in vocab for r in results for t in r.token_ids)
     assert head_rows == []  # no step read the full LM head
+    assert engine.stats.vocab_exits == engine.stats.tokens == 12 * len(PROMPTS)
 
 
 def test_the_exit_token_is_the_heads_best_in_the_vocabulary(smollm2_calibrated):
