@@ -54,8 +54,6 @@ class VocabRows:
         if bool(full.any()):
             logits[full] = model.logits(out[full]).to(out.dtype)
         if self.rows:
-            rows, short = torch.cat(self.rows), torch.cat(self.parts)
-            sub = torch.full((len(rows), n_vocab), float("-inf"), device=out.device, dtype=out.dtype)
-            sub[:, self.bank.vocab] = short.to(out.dtype)
-            logits[rows] = sub
+            rows = torch.cat(self.rows)
+            logits[rows.unsqueeze(1), self.bank.vocab] = torch.cat(self.parts).to(out.dtype)
         return logits
