@@ -56,11 +56,22 @@ def serve_config(cfg: ClusterConfig) -> dict:
                               "args": args}]}
 
 
+# the only places a read-only root leaves writable: Ray's session files (/tmp/ray), the token Ray
+# keeps under ~/.ray, library caches under ~/.cache. The converted models under HELIOS_HOME are
+# baked into the image and only read
+WRITABLE = {"tmp": "/tmp", "ray-home": "/home/ray/.ray", "cache": "/home/ray/.cache"}
+
+
 def _container(name: str, resources: dict, ports: list[dict]) -> dict:
     return {"name": name, "image": IMAGE, "env": ENV, "resources": resources, "ports": ports,
-            # Ray writes session files under /tmp and the home directory, so its root stays writable
+            "volumeMounts": [{"name": v, "mountPath": path} for v, path in WRITABLE.items()],
             "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False,
-                                "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}}}
+                                "readOnlyRootFilesystem": True, "capabilities": {"drop": ["ALL"]},
+                                "seccompProfile": {"type": "RuntimeDefault"}}}
+
+
+def _pod(container: dict) -> dict:
+    return {"containers": [container], "volumes": [{"name": v, "emptyDir": {}} for v in WRITABLE]}
 
 
 def rayservice(cfg: ClusterConfig, gpu: bool) -> dict:
@@ -70,8 +81,7 @@ def rayservice(cfg: ClusterConfig, gpu: bool) -> dict:
                   {"containerPort": cfg.metrics_port, "name": "metrics"}]
     worker_res = {"limits": {"cpu": "8", "memory": "32Gi", **({"nvidia.com/gpu": "1"} if gpu else {})},
                   "requests": {"cpu": "4", "memory": "16Gi", **({"nvidia.com/gpu": "1"} if gpu else {})}}
-    worker_spec = {"containers": [_container("ray-worker", worker_res,
-                                             [{"containerPort": cfg.metrics_port, "name": "metrics"}])]}
+    worker_spec = _pod(_container("ray-worker", worker_res, [{"containerPort": cfg.metrics_port, "name": "metrics"}]))
     if gpu:
         worker_spec["tolerations"] = [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     return {
@@ -85,9 +95,9 @@ def rayservice(cfg: ClusterConfig, gpu: bool) -> dict:
                     # num-cpus 0: no replica is placed on the head; it runs Serve's proxy and controller
                     "rayStartParams": {"num-cpus": "0", "dashboard-host": "0.0.0.0",
                                        "metrics-export-port": str(cfg.metrics_port)},
-                    "template": {"metadata": {"labels": POD_LABELS}, "spec": {"containers": [_container(
+                    "template": {"metadata": {"labels": POD_LABELS}, "spec": _pod(_container(
                         "ray-head", {"limits": {"cpu": "2", "memory": "8Gi"},
-                                     "requests": {"cpu": "1", "memory": "4Gi"}}, head_ports)]}},
+                                     "requests": {"cpu": "1", "memory": "4Gi"}}, head_ports))},
                 },
                 "workerGroupSpecs": [{
                     "groupName": "gpu" if gpu else "cpu", "replicas": 1, "minReplicas": 1, "maxReplicas": 4,
