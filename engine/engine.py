@@ -323,6 +323,8 @@ class LLMEngine:
             raise RuntimeError("exit heads can change only between requests")
         self.exits = None if bank is None else self._bind(bank)
         self._defers = self.config.kv_fill == "deferred" and self.exits is not None
+        if self.gate is not None:  # what a step leaving through the new bank's vocabulary spares
+            self.gate.head_s = self._vocab_saves(self.gate.cost)
 
     def _vocab_saves(self, cost) -> float:
         """What a step spares of the LM head when every row leaves through the exit vocabulary."""

@@ -86,3 +86,13 @@ def test_the_vocabulary_and_margin_survive_save_and_load(smollm2_calibrated, tmp
         bank.save(tmp_path / str(compact), compact=compact)
         again = ExitBank.load(tmp_path / str(compact), 576)
         assert torch.equal(again.vocab, bank.vocab) and again.margin == 2.5
+
+
+def test_the_exit_gate_prices_the_head_of_the_bank_in_use(smollm2_calibrated):
+    ref, _ = smollm2_calibrated
+    engine = LLMEngine(EngineConfig(model="smollm2", home=ref.home))
+    assert engine.gate.head_s > 0  # every row leaving through the vocabulary spares most of the head
+    bank = ExitBank.load(ref.home / "smollm2" / "exits", 576)
+    bank.vocab = None  # exits that read the whole head spare none of it
+    engine.use_exits(bank)
+    assert engine.gate.head_s == 0
