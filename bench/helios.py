@@ -20,12 +20,15 @@ import statistics
 import sys
 from pathlib import Path
 
+import yaml
+from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from bench.common import RESULTS, EnergyMeter, agreement, machine, md_table, rouge_l, token_agreement
 from bench import llamacpp
 from bench.serving import Helios, Single, serve
 from bench.workloads import workload
+from controller.config import ControllerConfig
 from engine import EngineConfig, LLMEngine
 
 COPY = "rebatch, state copy"
@@ -33,6 +36,22 @@ BUFFER = "rebatch + buffer"
 SYSTEMS = ["transformers generate", "engine full depth", "batch", "rebatch", BUFFER, COPY, "HELIOS",
            "HELIOS + rebatch"]
 LLAMA_CPP = "llama.cpp"  # an optional extra: in the default systems only where llama-cpp-python is installed
+# a workload is a few dozen requests, not a day of traffic: a profiling round of one request per candidate
+BENCH_CONTROLLER = {"profile_sample": 1}
+
+
+def controller_config(defaults: dict, pairs: list[str]) -> ControllerConfig:
+    """ControllerConfig from `defaults` and FIELD=VALUE pairs (values read as YAML scalars)."""
+    fields = dict(defaults)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"--controller takes FIELD=VALUE, got {pair!r}")
+        fields[key] = yaml.safe_load(value)
+    try:
+        return ControllerConfig.model_validate(fields)
+    except ValidationError as e:
+        raise SystemExit(f"--controller: {e}") from None
 
 
 def _pct(xs: list[float], q: float) -> float:
@@ -54,8 +73,7 @@ def _router(system: str, base: EngineConfig, args):
     policy = "rebatch" if "rebatch" in system else "greedy"
     engines = {f"{args.model}@greedy": LLMEngine(base.model_copy(update={"exit_policy": policy})),
                f"{args.model}@full": LLMEngine(base.model_copy(update={"exit_policy": policy}))}
-    return Helios(engines, greedy_share=args.greedy_share, window=args.window, max_breaches=args.max_breaches,
-                  profile_tokens=args.profile_tokens, greedy_loaded=[f"{args.model}@greedy"])
+    return Helios(engines, args.controller, greedy_loaded=[f"{args.model}@greedy"])
 
 
 def _batch_in_budget(engine: LLMEngine, budget: int) -> int:
@@ -139,10 +157,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--workloads", nargs="+", default=["humaneval", "chat", "drift"])
     ap.add_argument("--systems", nargs="+", choices=SYSTEMS + [LLAMA_CPP],
                     default=SYSTEMS + ([LLAMA_CPP] if llamacpp.available() else []))
-    ap.add_argument("--greedy-share", type=float, default=0.9, help="HELIOS greedy loading: share of exits covered")
-    ap.add_argument("--window", type=int, default=100, help="HELIOS breach window (tokens)")
-    ap.add_argument("--max-breaches", type=int, default=50)
-    ap.add_argument("--profile-tokens", type=int, default=64, help="tokens measured per candidate before selecting")
+    ap.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="HELIOS controller settings (fields of controller.config.ControllerConfig), over the "
+                         f"cluster's defaults and the benchmark's own: {BENCH_CONTROLLER}")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--home", default=None, help="converted checkpoints (default: HELIOS_HOME)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -151,9 +168,10 @@ def main(argv=None) -> Path:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     args.command = "helios bench " + " ".join(shlex.quote(a) for a in argv)
+    overrides = dict(BENCH_CONTROLLER, **({"breach_window": 8, "breach_max": 2} if args.short else {}))
     if args.short:
         args.prompts, args.new_tokens, args.batch = 3, 8, [2]
-        args.window, args.max_breaches, args.profile_tokens = 8, 2, 4
+    args.controller = controller_config(overrides, args.controller)
 
     base = EngineConfig(model=args.model, device=args.device, home=args.home)
     probe = LLMEngine(base.model_copy(update={"max_batch_size": 1, "exit_policy": "full"}))

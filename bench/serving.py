@@ -1,9 +1,9 @@
 """Closed-loop serving driver: `batch` concurrent clients, each sending its next request when one ends.
 
 A router picks the engine for each new request. `Single` always picks one; `Helios` runs the
-controller's own policies in-process (profiling, selection, greedy loading, breach counting,
-load-deeper-or-switch), so the benchmark measures the same decisions the cluster makes, without
-Ray or Redis in the timings.
+controller's own decision loop in process (controller.core: profiling, selection, greedy loading,
+breach counting, load-deeper-or-switch), so the benchmark measures the decisions the cluster
+makes, without Ray or Redis in the timings.
 """
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from tqdm.auto import tqdm
 
 from bench.workloads import Request
 from controller import policies as P
+from controller.config import ControllerConfig
+from controller.core import ControllerCore
 from engine import LLMEngine, SamplingParams
 from engine.sequence import ExitRecord
+from telemetry.schema import WindowStats
 
 
 @dataclass
@@ -43,77 +46,51 @@ class Single:
 
 
 class Helios:
-    """HELIOS over candidate engines, driven by `controller.policies`."""
+    """HELIOS over candidate engines: the controller's own decision loop (controller.core), fed
+    each engine step's exits as the actor feeds it Redis telemetry, its decisions carried out on
+    the engines in process. Only the candidates in `greedy_loaded` are greedy-loaded (None: all)."""
 
-    def __init__(self, engines: dict[str, LLMEngine], objective=P.Objective.MAX_THROUGHPUT, greedy_share=0.9,
-                 window=100, max_breaches=50, profile_tokens=32, quality_floor=0.0,
-                 greedy_loaded: list[str] | None = None):
-        self.engines, self.objective, self.floor = engines, objective, quality_floor
+    def __init__(self, engines: dict[str, LLMEngine], config: ControllerConfig,
+                 greedy_loaded: list[str] | None = None, window_steps: int = 16):
+        self.engines = engines
+        self.core = ControllerCore(config, list(engines))
         self.decisions: list[dict] = []
-        self.profiles = {n: P.CandidateProfile.from_calibration(n, e.num_layers, e.depth,
-                                                                e.exits.meta if e.exits else None, e.memory_bytes())
-                         for n, e in engines.items()}
-        for name, p in self.profiles.items():  # greedy loading from calibration
-            if greedy_loaded is not None and name not in greedy_loaded:
-                continue
-            depth = P.greedy_depth(p.exit_hist, greedy_share, p.num_layers)
-            if depth != engines[name].depth:
-                engines[name].load_layers(depth)
-                p.depth = depth
-                self._log(0, P.Decision(P.Action.LOAD_LAYERS, name, depth, f"{greedy_share:.0%} of calibrated exits by here"))
-        self.profile_tokens = profile_tokens
-        self.selected = False
-        self._rr = 0
-        self.current = next(iter(engines))
-        self.breaches = P.BreachCounter(window, max_breaches)
-        self._busy = {n: [0, 0.0] for n in engines}  # tokens, seconds while stepping
-        self._served = 0
+        # each candidate's last steps: the telemetry window the core reads its speed and exits from
+        self._steps = {n: deque(maxlen=window_steps) for n in engines}
+        profiles = {n: P.CandidateProfile.from_calibration(n, e.num_layers, e.depth, e.exits.meta if e.exits else None,
+                                                           e.memory_bytes())
+                    for n, e in engines.items()}
+        for d in self.core.greedy_loads(profiles):
+            if greedy_loaded is None or d.candidate in greedy_loaded:
+                self._load(d.candidate, d.depth)
+                self._log(0, d)
+        self._log(0, self.core.initial_select())
 
     def route(self, request: Request) -> str:
-        if self.selected:
-            return self.current
-        self._rr += 1  # profiling: requests are served round-robin until every candidate is measured
-        return list(self.engines)[self._rr % len(self.engines)]
-
-    def _select(self) -> None:
-        for n, p in self.profiles.items():
-            p.tokens_per_s = self._speed(n)
-        best = P.select(list(self.profiles.values()), self.objective, self.floor)
-        self.selected = True
-        if best is not None:
-            self.current = best.name
-            self._log(self._served, P.Decision(P.Action.SELECT, best.name, best.depth, "profiling round done",
-                                               {n: round(p.tokens_per_s, 2) for n, p in self.profiles.items()}))
+        return self.core.route()
 
     def observe(self, name: str, exits: list[ExitRecord], served: int, step_s: float) -> None:
-        self._served = served
-        self._busy[name][0] += len(exits)
-        self._busy[name][1] += step_s
-        p = self.profiles[name]
-        if exits:
-            p.greedy_rate = 0.8 * p.greedy_rate + 0.2 * sum(e.greedy for e in exits) / len(exits)
-            if name == self.current and self.selected:
-                self.breaches.observe(sum(e.breach for e in exits), len(exits))
-        if not self.selected and all(t >= self.profile_tokens for t, _ in self._busy.values()):
-            self._select()
-        if not self.breaches.tripped:
-            return
-        cur = self.profiles[self.current]
-        cur.tokens_per_s = self._speed(cur.name)
-        d = P.on_breach(cur, [q for q in self.profiles.values() if q.name != cur.name], self.objective, self.floor)
-        d.evidence["breaches_in_window"] = self.breaches.count
-        if d.action is P.Action.LOAD_DEEPER:
-            self.engines[d.candidate].load_layers(d.depth)
-            cur.depth = d.depth
-            self._busy[d.candidate] = [0, 0.0]  # its speed is re-measured at the new depth
-        elif d.action is P.Action.SWITCH:
-            self.current = d.candidate  # in-flight requests finish where they started
-        self.breaches.reset()
-        self._log(served, d)
+        self._steps[name].append((exits, step_s))
+        self.core.observe(name, self._window(name), len(exits), sum(e.breach for e in exits))
+        for d in self.core.decide():
+            if d.action is P.Action.LOAD_DEEPER:
+                self._load(d.candidate, d.depth)
+            self._log(served, d)
 
-    def _speed(self, name: str) -> float:
-        tokens, secs = self._busy[name]
-        return tokens / secs if secs else 0.0
+    def _window(self, name: str) -> WindowStats:
+        w = WindowStats(name, windows=1)
+        for exits, step_s in self._steps[name]:
+            w.steps, w.busy_ms, w.tokens = w.steps + 1, w.busy_ms + 1e3 * step_s, w.tokens + len(exits)
+            w.greedy += sum(e.greedy for e in exits)
+            w.breaches += sum(e.breach for e in exits)
+            for e in exits:
+                w.exits[e.layer] = w.exits.get(e.layer, 0) + 1
+        return w
+
+    def _load(self, name: str, depth: int) -> None:
+        self.engines[name].load_layers(depth)
+        self.core.loaded(name, self.engines[name].depth)
+        self._steps[name].clear()  # its speed is measured again at the new depth
 
     def _log(self, served: int, d: P.Decision) -> None:
         self.decisions.append({"token": served, **d.to_dict()})

@@ -1,10 +1,10 @@
-"""The HELIOS controller: a named, detached Ray actor.
+"""The HELIOS controller: a named, detached Ray actor around the decision loop of controller.core.
 
-Each tick it reads every candidate's exit telemetry from Redis, feeds the serving candidate's
-breaches into the sliding counter, and when the counter trips asks the policy whether to load
-deeper layers or switch candidate, then does it. From the shadow verifier's per-layer counts it
-moves each candidate's exit thresholds to hold the agreement floor (controller.thresholds) and
-pushes them to the replicas. Routing answers come from the same state:
+Each tick it reads every candidate's exit telemetry from Redis and hands it to the core, which
+counts the serving candidate's breaches and, when the counter trips, decides whether to load
+deeper layers or switch candidate; the actor carries it out on the replicas. From the shadow
+verifier's per-layer counts it moves each candidate's exit thresholds to hold the agreement floor
+(controller.thresholds) and pushes them to the replicas. Routing answers come from the core:
 profiling rounds first, otherwise the selected candidate. Every decision goes to a Redis stream
 with its evidence; the routing state is mirrored to Redis and restored on restart.
 """
@@ -22,6 +22,7 @@ from ray import serve
 
 from controller import policies as P
 from controller.config import ControllerConfig
+from controller.core import ControllerCore
 from controller.thresholds import ThresholdTuner
 from telemetry.metrics import ControllerMetrics
 from telemetry.reader import TelemetryReader
@@ -51,37 +52,34 @@ class HeliosController:
         self.reader = TelemetryReader(tcfg, self.redis)
         self.handles = {c: serve.get_deployment_handle(d, app_name) for c, d in deployments.items()}
         self.names = sorted(deployments)
-        self.schedule = P.ProfilingSchedule(self.names, self.cfg.profile_every, self.cfg.profile_sample)
-        self.breaches = P.BreachCounter(self.cfg.breach_window, self.cfg.breach_max)
-        self.profiles: dict[str, P.CandidateProfile] = {}
         self.tuners: dict[str, ThresholdTuner] = {}
         self.seen: dict[str, tuple[int, int]] = {}  # candidate -> (tokens, breaches) already counted
         saved = self.redis.hgetall(STATE)
-        self.current: str = saved.get(b"current", b"").decode() or self.names[0]
         self.restored = bool(saved)
-        self.pinned: str | None = saved.get(b"pinned", b"").decode() or None  # set by an operator
+        self.core = ControllerCore(self.cfg, self.names, saved.get(b"current", b"").decode() or None,
+                                   saved.get(b"pinned", b"").decode() or None)
         self.metrics = ControllerMetrics()
-        self._reselect = False  # a profiling round has been routed: choose again once it is measured
         self._task = None
         self._started: asyncio.Future | None = None
 
     # ---- called by the gateway ---------------------------------------------------------------
+    @property
+    def current(self) -> str:
+        return self.core.current
+
+    @property
+    def profiles(self) -> dict[str, P.CandidateProfile]:
+        return self.core.profiles
+
     def route(self) -> str:
-        if self.pinned:
-            return self.pinned
-        was_profiling = self.schedule.profiling
-        choice = self.schedule.next()
-        self._reselect |= was_profiling and not self.schedule.profiling
-        return choice or self.current
+        return self.core.route()
 
     # ---- called by operators and tests ---------------------------------------------------------
     def state(self) -> dict:
-        return {"current": self.current, "pinned": self.pinned, "profiling": self.schedule.profiling,
-                "restored": self.restored, "breaches_in_window": self.breaches.count,
-                "breach_limit": [self.cfg.breach_max, self.cfg.breach_window],
-                "profiles": {n: {"depth": p.depth, "capacity": p.max_batch(), "tokens_per_s": p.tokens_per_s,
-                                 "agreement": p.agreement, "greedy_rate": p.greedy_rate}
-                             for n, p in self.profiles.items()},
+        core = self.core
+        return {"current": core.current, "pinned": core.pinned, "profiling": core.schedule.profiling,
+                "restored": self.restored, "breaches_in_window": core.breaches.count,
+                "breach_limit": [self.cfg.breach_max, self.cfg.breach_window], "profiles": core.summary(),
                 "thresholds": {n: t.thresholds for n, t in self.tuners.items()}}
 
     def decisions(self, count: int = 50) -> list[dict]:
@@ -102,8 +100,7 @@ class HeliosController:
     # ---- operator actions (the gateway's admin API) ----------------------------------------------
     async def reprofile(self) -> dict:
         await self.start()  # after a restart, profiles exist once the initial round has run
-        self.schedule.start_round()
-        self._reselect = False
+        self.core.reprofile()
         self._log(P.Decision(P.Action.REPROFILE, self.current, self.profiles[self.current].depth,
                              "operator asked for a profiling round"))
         return self.state()
@@ -117,10 +114,7 @@ class HeliosController:
         await self.start()
         if candidate is not None:
             self._check_candidate(candidate)
-        self.pinned = candidate
-        if candidate:
-            self.current = candidate
-            self.breaches.reset()
+        self.core.pin(candidate)
         self._log(P.Decision(P.Action.PIN if candidate else P.Action.UNPIN, self.current, self.profiles[self.current].depth,
                              f"operator pinned {candidate}" if candidate else "operator released the pin"))
         return self.state()
@@ -162,33 +156,27 @@ class HeliosController:
     # ---- the loop --------------------------------------------------------------------------------
     async def _initial(self) -> None:
         saved = {k.decode(): json.loads(v) for k, v in self.redis.hgetall(PROFILES).items()}
+        profiles = {}
         for name in self.names:
             stats = await self.handles[name].stats.remote()  # a deployments.contracts.ServerStats
-            self.profiles[name] = p = P.CandidateProfile.from_calibration(
+            profiles[name] = p = P.CandidateProfile.from_calibration(
                 name, stats.num_layers, stats.depth, stats.calibration, stats.memory)
             for f in MEASURED:
                 setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
             self.seen[name] = self._totals(name)
             self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats.thresholds.items()})
             self.tuners[name].reset(None, self.reader.shadow_by_layer(name))  # judge only what it serves from now
+        loads = self.core.greedy_loads(profiles)
         if self.restored:
             self._log(P.Decision(P.Action.RESTORE, self.current, self.profiles[self.current].depth,
                                  "state restored from Redis after a restart",
                                  {"profiles": {n: {f: getattr(p, f) for f in MEASURED}
                                                for n, p in self.profiles.items()}}))
-            return
-        best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor) \
-            or self.profiles[self.current]
-        self.current = best.name
-        for name, p in self.profiles.items():
-            target = P.greedy_depth(p.exit_hist, self.cfg.greedy_share, p.num_layers)
-            if p.exit_hist and target != p.depth:
-                p.depth = await self.handles[name].load_layers.remote(target)
-                self._log(P.Decision(P.Action.LOAD_LAYERS, name, p.depth, f"greedy loading: {self.cfg.greedy_share:.0%} "
-                                     "of calibrated exits happen by this depth", {"exit_hist": p.exit_hist}))
-        self._log(P.Decision(P.Action.SELECT, self.current, self.profiles[self.current].depth,
-                             "initial selection by calibrated quality and objective",
-                             {"objective": self.cfg.objective.value, "quality_floor": self.cfg.quality_floor}))
+            return  # the replicas kept the depths set before the restart (a new one reads them from STATE)
+        for d in loads:
+            self.core.loaded(d.candidate, await self.handles[d.candidate].load_layers.remote(d.depth))
+            self._log(d)
+        self._log(self.core.initial_select())
 
     async def _loop(self) -> None:
         while True:
@@ -198,50 +186,25 @@ class HeliosController:
                 log.exception("controller tick failed")
             await asyncio.sleep(self.cfg.tick_s)
 
-    async def tick(self) -> P.Decision | None:
+    async def tick(self) -> list[P.Decision]:
         for name in self.names:
             window = self.reader.window(name, windows=self.cfg.windows)
-            p = self.profiles[name]
-            if window.tokens:
-                p.tokens_per_s = window.tokens_per_busy_s
-                p.step_ms = window.busy_ms / max(window.steps, 1)
-                p.greedy_rate = window.greedy_rate
-                p.mean_exit_layer = window.mean_exit_layer
-            if window.shadow_checked >= self.cfg.min_shadow_checks:  # live quality replaces calibration's
-                p.agreement = window.live_agreement
-            if window.tokens:
-                self.redis.hset(PROFILES, name, json.dumps({f: getattr(p, f) for f in MEASURED}))
             tokens, breaches = self._totals(name)
             old_t, old_b = self.seen.get(name, (0, 0))
             self.seen[name] = (tokens, breaches)
-            if name == self.current and tokens > old_t:
-                self.breaches.observe(min(breaches - old_b, tokens - old_t), tokens - old_t)
+            self.core.observe(name, window, tokens - old_t, breaches - old_b)
+            if window.tokens:
+                p = self.profiles[name]
+                self.redis.hset(PROFILES, name, json.dumps({f: getattr(p, f) for f in MEASURED}))
         if self.cfg.thresholds.enabled:
             for name in self.names:
                 await self._tune(name)
-        if self._reselect and all(p.tokens_per_s > 0 for p in self.profiles.values()):
-            self._reselect = False
-            best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
-            if best is not None:
-                changed = best.name != self.current
-                if changed:
-                    self.current = best.name
-                    self.breaches.reset()
-                self._log(P.Decision(P.Action.SELECT, best.name, best.depth, "profiling round measured: best by objective "
-                                     f"within the quality floor ({'switched' if changed else 'kept'})",
-                                     {"objective": self.cfg.objective.value, "profiles": self.state()["profiles"]}))
-        if not self.breaches.tripped or self.pinned:
-            return None
-        cur = self.profiles[self.current]
-        decision = P.on_breach(cur, list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor)
-        decision.evidence["breaches_in_window"] = self.breaches.count
-        if decision.action is P.Action.LOAD_DEEPER:
-            cur.depth = await self.handles[self.current].load_layers.remote(decision.depth)
-        elif decision.action is P.Action.SWITCH:
-            self.current = decision.candidate
-        self.breaches.reset()
-        self._log(decision)
-        return decision
+        decisions = self.core.decide()
+        for d in decisions:
+            if d.action is P.Action.LOAD_DEEPER:
+                self.core.loaded(d.candidate, await self.handles[d.candidate].load_layers.remote(d.depth))
+            self._log(d)
+        return decisions
 
     async def _tune(self, name: str) -> None:
         changes = self.tuners[name].observe(self.reader.shadow_by_layer(name))
@@ -261,7 +224,7 @@ class HeliosController:
         entry = {**decision.to_dict(), "t": time.time()}
         pipe = self.redis.pipeline()
         pipe.xadd(DECISIONS, {"decision": json.dumps(entry)}, maxlen=10_000, approximate=True)
-        pipe.hset(STATE, mapping={"current": self.current, "pinned": self.pinned or "",
+        pipe.hset(STATE, mapping={"current": self.current, "pinned": self.core.pinned or "",
                                   **{depth_field(n): p.depth for n, p in self.profiles.items()}})
         pipe.execute()
         self.metrics.decision(decision.action.value, decision.candidate)
