@@ -70,7 +70,7 @@ def _router(system: str, base: EngineConfig, args):
         return Single(LLMEngine(base.model_copy(update={"exit_policy": "buffer"})))
     if system == COPY:
         return Single(LLMEngine(base.model_copy(update={"exit_policy": "rebatch", "kv_fill": "copy"})))
-    policy = "rebatch" if "rebatch" in system else "greedy"
+    policy = "rebatch" if "rebatch" in system else "ride_along"
     engines = {f"{args.model}@greedy": LLMEngine(base.model_copy(update={"exit_policy": policy})),
                f"{args.model}@full": LLMEngine(base.model_copy(update={"exit_policy": policy}))}
     return Helios(engines, args.controller, greedy_loaded=[f"{args.model}@greedy"])

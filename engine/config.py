@@ -80,9 +80,10 @@ class EngineConfig(BaseModel):
     exit_vocab: bool = Field(
         True, description="Let exits emit only the calibrated exit vocabulary, checking the head's margin over it and "
         "sparing the full LM head (engine.exits); False: exits read the full head. Banks without one ignore it.")
-    exit_policy: Literal["full", "batch", "greedy", "rebatch", "buffer"] = Field(
-        "rebatch", description="full: no exits; batch: the batch leaves when every row is confident; greedy "
-        "(HELIOS): rows take their token at their first confident layer and ride along; rebatch (DREX): "
+    exit_policy: Literal["full", "batch", "ride_along", "rebatch", "buffer"] = Field(
+        "rebatch", description="full: no exits; batch: the batch leaves when every row is confident; ride_along "
+        "(HELIOS; `greedy` is read as this name): rows take their token at their first confident layer and ride "
+        "along; rebatch (DREX): "
         "confident rows leave and the rest regroup when the planner predicts it pays; buffer (DREX's "
         "rebatching buffer): rebatch, and the rows that continue past an exit point may wait there for the "
         "next step's, so the deeper layers run once for both, when that is cheaper per token (needs "
@@ -125,6 +126,12 @@ class EngineConfig(BaseModel):
         512, ge=1, description="Prompt tokens per prefill step: longer prompts are prefilled in chunks, and "
         "decode steps of the running requests go on between them. None: every admitted prompt whole.")
     home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
+
+    @field_validator("exit_policy", mode="before")
+    @classmethod
+    def _policy_alias(cls, v):
+        # `greedy` named this policy once; "greedy" also means greedy decoding, greedy exits and greedy loading
+        return "ride_along" if v == "greedy" else v
 
     @model_validator(mode="after")
     def _buffer_keeps_states_as_the_deferred_fill_does(self):

@@ -5,7 +5,7 @@ layer's head. What happens to them next is the policy:
 - `full`: no exit points are checked.
 - `batch` (what earlier EE frameworks do): the batch leaves together only when every row is
   confident (or a `quorum` share of them: the rows forced out then are involuntary exits).
-- `greedy` (HELIOS): each row's token comes from its first confident layer, but the batch keeps
+- `ride_along` (HELIOS): each row's token comes from its first confident layer, but the batch keeps
   its shape; done rows ride along, so their deeper KV is exact and nothing is saved on them.
 - `rebatch` (DREX): done rows leave when the planner predicts the smaller batch pays for the
   regroup and the leavers' KV fill; otherwise they ride along. Nobody is forced out.
@@ -42,7 +42,7 @@ from engine.exits import ExitBank
 from engine.model import BatchCtx, EEModel, run_start
 from engine.rebatch import RebatchPlanner
 
-ExitPolicy = Literal["full", "batch", "greedy", "rebatch", "buffer"]
+ExitPolicy = Literal["full", "batch", "ride_along", "rebatch", "buffer"]
 KVFill = Literal["deferred", "copy", "none"]
 
 
@@ -251,7 +251,7 @@ def _retire(model: EEModel, opts: StackOptions, layer: int, depth: int, batch: _
         return batch
     if n_stay:  # some rows could leave while others go on: a regroup
         if opts.policy not in ("rebatch", "buffer"):
-            return batch  # greedy and batch: done rows ride along
+            return batch  # ride_along and batch: done rows ride along
         loses_view = batch.ctx.first_slot is not None and run_start(stay.nonzero().squeeze(1)) is None
         if opts.planner is not None and not opts.planner.decide(n, n - n_stay, depth - layer, batch.ctx.length,
                                                                 loses_view).split:

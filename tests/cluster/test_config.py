@@ -26,3 +26,11 @@ def test_the_defaults_and_the_generated_serve_config_still_validate():
     cfg = ClusterConfig()
     args = serve_config(cfg)["applications"][0]["args"]
     assert ClusterConfig.model_validate(args).candidates == cfg.candidates
+
+
+def test_the_exit_policy_once_called_greedy_is_read_under_its_name():
+    from engine import EngineConfig
+
+    assert EngineConfig(exit_policy="greedy").exit_policy == "ride_along"
+    with pytest.raises(ValidationError):
+        EngineConfig(exit_policy="greedyy")

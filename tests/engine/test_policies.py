@@ -1,4 +1,4 @@
-"""Exit policies on the real SmolLM2 with its calibrated heads: full, batch, greedy, rebatch."""
+"""Exit policies on the real SmolLM2 with its calibrated heads: full, batch, ride_along, rebatch."""
 from collections import defaultdict
 
 import pytest
@@ -69,17 +69,17 @@ def test_rebatch_never_forces_a_row_out_and_batch_waits_for_the_slowest(smollm2_
 
 
 def test_riding_along_gives_the_same_tokens_as_the_first_confident_head(smollm2_calibrated):
-    """`greedy` keeps done rows in the batch; `rebatch` with splits that never pay does the same."""
+    """`ride_along` keeps done rows in the batch; `rebatch` with splits that never pay does the same."""
     ref, _ = smollm2_calibrated
     mixed = {l: 0.6 for l in EXIT_LAYERS}
-    greedy = _engine(ref, "greedy", mixed)
-    gsteps, gtokens = _run_by_step(greedy)
+    riders = _engine(ref, "ride_along", mixed)
+    gsteps, gtokens = _run_by_step(riders)
     skipped = _engine(ref, "rebatch", mixed, NEVER)
     ssteps, stokens = _run_by_step(skipped)
     assert gtokens == stokens and skipped.stats.splits == 0 and skipped.stats.splits_skipped > 0
     split = _engine(ref, "rebatch", mixed, ALWAYS)
     _run_by_step(split)
-    assert split.stats.row_layers < greedy.stats.row_layers  # leaving rows stop costing compute
+    assert split.stats.row_layers < riders.stats.row_layers  # leaving rows stop costing compute
 
 
 def test_planner_splits_only_when_the_smaller_batch_pays_for_the_regroup():
