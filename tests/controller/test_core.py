@@ -2,6 +2,8 @@
 carrying out that loop's decisions on engines."""
 from dataclasses import asdict, dataclass, field
 
+import pytest
+
 from bench.serving import Helios
 from controller.config import ControllerConfig
 from controller.core import ControllerCore
@@ -96,3 +98,12 @@ def test_the_benchmark_router_carries_out_the_cores_decisions():
     router.observe("m@greedy", _exits(10, 8), 30, 0.2)  # breaches trip: deeper
     assert router.decisions[-1]["action"] == "load_deeper" and greedy.depth == router.core.profiles["m@greedy"].depth
     assert greedy.loads == [20, greedy.depth] and greedy.depth > 20
+
+
+def test_the_benchmarks_controller_settings_are_the_configs_fields():
+    from bench.helios import controller_config
+
+    cfg = controller_config({"profile_sample": 1}, ["breach_window=8", "objective=min_latency"])
+    assert (cfg.breach_window, cfg.objective.value, cfg.profile_sample) == (8, "min_latency", 1)
+    with pytest.raises(SystemExit, match="breach_windw"):  # a typo is refused, naming the field
+        controller_config({}, ["breach_windw=8"])
