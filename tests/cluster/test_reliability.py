@@ -116,10 +116,18 @@ def test_a_killed_controller_comes_back_with_its_state_and_routing_goes_on(clust
     cluster.controller = ray.get_actor(cluster.config.controller.actor_name, cluster.config.controller.namespace)
 
 
+def _busy(server) -> bool:
+    stats = server.stats.remote().result()
+    return bool(stats.running or stats.waiting)
+
+
 def test_a_client_that_goes_away_frees_its_slot(cluster):
     from ray import serve
 
     server = serve.get_deployment_handle("model-smollm2", cluster.config.app_name)
+    deadline = time.time() + 120  # requests of earlier tests (streams cut on the client side) finish first
+    while time.time() < deadline and _busy(server):
+        time.sleep(0.5)
     with httpx.stream("POST", f"{cluster.url}/v1/completions", headers=AUTH, timeout=120, json={
             "model": "smollm2", "prompt": "Tell me everything:", "max_tokens": 400, "stream": True, **FULL}) as r:
         for i, _ in enumerate(r.iter_lines()):
