@@ -262,7 +262,8 @@ class EEModel(nn.Module):
                 size += sample[-1].numel() * sample[-1].element_size()
         head = self.lm_head_weight.detach()
         head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
-        self.set_matmul_plans(matmul_plan.plan(sample), matmul_plan.plan([head]))
+        # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays dense
+        self.set_matmul_plans(matmul_plan.plan(sample), matmul_plan.plan([head], may_pack=False))
 
     def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
         self.layer_plan, self.head_plan = layers, head

@@ -62,3 +62,38 @@ def test_any_plan_decodes_the_same_tokens(smollm2):
     model.set_depth(engine.depth - 2)  # layers loaded later take the plan too
     model.set_depth(engine.depth + 2)
     assert model.layers[-1].mlp.up_proj.weight.t().is_contiguous()
+
+
+def test_bf16_weights_packed_for_onednn_decode_the_dense_weights_tokens(smollm2):
+    if not matmul_plan.packable(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this CPU's oneDNN has no bf16 kernels")
+    engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=3, dtype="bfloat16",
+                                    tune_matmuls=False))
+    model = engine.model
+    params = SamplingParams(max_tokens=12, ignore_eos=True)
+    dense = [r.token_ids for r in engine.generate(PROMPTS[:3], params)]
+    layer_bytes = engine.memory_bytes()["layers"]
+    model.set_matmul_plans(MatmulPlan(packed=True), MatmulPlan())
+    wrapped = [m for m in model.layers.modules() if isinstance(m, PlannedLinear)]
+    assert len(wrapped) == 7 * engine.depth and all(m.weight.is_mkldnn for m in wrapped)
+    assert engine.memory_bytes()["layers"] == layer_bytes  # the same bytes, reordered
+    assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == dense
+    model.set_depth(engine.depth - 2)  # layers loaded later are packed too
+    model.set_depth(engine.depth + 2)
+    assert model.layers[-1].mlp.up_proj.weight.is_mkldnn
+    model.set_matmul_plans(MatmulPlan(), MatmulPlan())  # and back to dense
+    assert not model.layers[0].mlp.up_proj.weight.is_mkldnn
+    assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == dense
+
+
+def test_packing_is_chosen_only_when_it_beats_the_dense_layouts_at_every_row_count(monkeypatch):
+    fast, slow = {m: 10.0 for m in range(1, 9)}, {m: 20.0 for m in range(1, 9)}
+    monkeypatch.setattr(matmul_plan, "packable", lambda w: True)
+    monkeypatch.setattr(matmul_plan, "pack", lambda w: w)
+    timings = iter([slow, slow, fast])  # row-major, column-major, packed
+    monkeypatch.setattr(matmul_plan, "measure", lambda *a, **k: next(timings))
+    assert matmul_plan.plan([torch.zeros(4, 4)]).packed
+    timings = iter([slow, slow, {**fast, 1: 19.0}])  # not faster enough at one row
+    assert not matmul_plan.plan([torch.zeros(4, 4)]).packed
+    timings = iter([slow, slow, fast])
+    assert not matmul_plan.plan([torch.zeros(4, 4)], may_pack=False).packed
