@@ -148,6 +148,34 @@ class PlannedLinear(nn.Module):
         return linear(x, self.weight, self.bias, self.pad_to)
 
 
+class Int8Linear(nn.Module):
+    """Weight-only int8: each output channel's weights as int8 with one scale (its max |w| / 127);
+    the input keeps its dtype (bf16) and torch's int8-weight kernel scales as it reads, so a decode
+    step reads half the bytes of bf16 weights. Plans leave it alone: it has its own kernel."""
+
+    def __init__(self, base: nn.Module):
+        super().__init__()
+        w = base.weight.detach().float()
+        scale = w.abs().amax(1).clamp(min=1e-12) / 127
+        self.weight = nn.Parameter(torch.round(w / scale[:, None]).to(torch.int8), requires_grad=False)
+        self.scale = nn.Parameter(scale.to(base.weight.dtype), requires_grad=False)
+        self.bias = base.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
+        y = y.reshape(*x.shape[:-1], self.weight.shape[0])
+        return y if self.bias is None else y + self.bias
+
+
+def quantize_int8(module: nn.Module) -> None:
+    """Every linear layer inside `module` becomes an Int8Linear."""
+    for name, child in module.named_children():
+        if type(child) is nn.Linear or isinstance(child, PlannedLinear):
+            setattr(module, name, Int8Linear(child))
+        else:
+            quantize_int8(child)
+
+
 def apply(module: nn.Module, plan: MatmulPlan) -> None:
     """Put every linear layer inside `module` under `plan`: an nn.Linear becomes a PlannedLinear over
     the same parameters; each takes the plan's padding and stores its weight in the plan's layout."""

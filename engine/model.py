@@ -75,8 +75,10 @@ def _apply_rope(x, cos, sin):
 
 
 class EEModel(nn.Module):
-    def __init__(self, store: LayerStore, depth: int, device: str | torch.device, dtype: torch.dtype):
+    def __init__(self, store: LayerStore, depth: int, device: str | torch.device, dtype: torch.dtype,
+                 int8_weights: bool = False):
         super().__init__()
+        self.int8_weights = int8_weights  # decoder layers' linear weights as int8 (matmul_plan.Int8Linear)
         from transformers import AutoModelForCausalLM
 
         self.store, self.device, self.dtype = store, torch.device(device), dtype
@@ -124,6 +126,8 @@ class EEModel(nn.Module):
             with torch.device("meta"):
                 layer = self.layer_cls(self.config, i)
             layer = self._materialise(layer, self.store.layer(i))
+            if self.int8_weights:
+                matmul_plan.quantize_int8(layer)
             matmul_plan.apply(layer, self.layer_plan)
             self.layers.append(layer)
         del self.layers[depth:]
@@ -263,7 +267,8 @@ class EEModel(nn.Module):
         head = self.lm_head_weight.detach()
         head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
         # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays dense
-        self.set_matmul_plans(matmul_plan.plan(sample), matmul_plan.plan([head], may_pack=False))
+        layers = matmul_plan.plan(sample) if sample else self.layer_plan  # int8 layers have their own kernel
+        self.set_matmul_plans(layers, matmul_plan.plan([head], may_pack=False))
 
     def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
         self.layer_plan, self.head_plan = layers, head

@@ -97,3 +97,30 @@ def test_packing_is_chosen_only_when_it_beats_the_dense_layouts_at_every_row_cou
     assert not matmul_plan.plan([torch.zeros(4, 4)]).packed
     timings = iter([slow, slow, fast])
     assert not matmul_plan.plan([torch.zeros(4, 4)], may_pack=False).packed
+
+
+def test_int8_weights_dequantise_to_the_weights_and_halve_the_layer_bytes(smollm2):
+    from pydantic import ValidationError
+    from torch import nn
+
+    base = nn.Linear(576, 64).bfloat16()
+    q = matmul_plan.Int8Linear(base)
+    dequant = q.weight.float() * q.scale.float()[:, None]
+    # half a step of rounding, plus up to half a step from the scale itself being stored in bf16
+    assert bool(((dequant - base.weight.float()).abs().amax(1) <= q.scale.float() * 1.01).all())
+    x = torch.randn(2, 3, 576).bfloat16()
+    torch.testing.assert_close(q(x).float(), F.linear(x.float(), dequant, base.bias.float()), rtol=2e-2, atol=2e-2)
+
+    kw = dict(model="smollm2", exits=False, max_batch_size=2, dtype="bfloat16")
+    bf16, int8 = LLMEngine(EngineConfig(**kw)), LLMEngine(EngineConfig(**kw, int8_weights=True))
+    assert 0.45 < int8.memory_bytes()["layers"] / bf16.memory_bytes()["layers"] < 0.55  # int8 plus a scale per row
+    prefixes = [bf16.tokenizer(p)["input_ids"] for p in PROMPTS[:3]]
+    cos = F.cosine_similarity(int8.next_token_logits(prefixes), bf16.next_token_logits(prefixes), dim=-1)
+    assert bool((cos > 0.98).all()), cos
+    [r] = int8.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
+    assert len(r.token_ids) == 8
+    int8.load_layers(int8.depth - 2)  # layers loaded later are int8 too
+    int8.load_layers(int8.depth + 2)
+    assert isinstance(int8.model.layers[-1].mlp.up_proj, matmul_plan.Int8Linear)
+    with pytest.raises(ValidationError, match="int8_weights"):
+        EngineConfig(int8_weights=True)  # fp32 activations: not on the int8 kernel's fast path
