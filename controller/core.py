@@ -57,7 +57,8 @@ class ControllerCore:
         best = P.select(list(self.profiles.values()), self.cfg.objective, self.cfg.quality_floor) \
             or self.profiles[self.current]
         self.current = best.name
-        return P.Decision(P.Action.SELECT, best.name, best.depth, "initial selection by calibrated quality and objective",
+        return P.Decision(P.Action.SELECT, best.name, best.depth,
+                          "initial selection by calibrated quality and objective",
                           {"objective": self.cfg.objective.value, "quality_floor": self.cfg.quality_floor})
 
     # ---- each tick -----------------------------------------------------------------------------

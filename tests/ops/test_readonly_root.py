@@ -51,7 +51,8 @@ def test_the_cluster_serves_with_the_root_read_only(smollm2, redis_url, tmp_path
         # whatever Ray left running lives in this mount namespace alone
         ns=$(readlink /proc/$$/ns/mnt)
         for p in /proc/[0-9]*; do
-            [ "${{p#/proc/}}" != $$ ] && [ "$(readlink $p/ns/mnt 2> /dev/null)" = "$ns" ] && kill -KILL ${{p#/proc/}} 2> /dev/null
+            pid=${{p#/proc/}}
+            [ "$pid" != $$ ] && [ "$(readlink $p/ns/mnt 2> /dev/null)" = "$ns" ] && kill -KILL $pid 2> /dev/null
         done
         true
         """)
