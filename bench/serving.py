@@ -19,7 +19,7 @@ from controller.config import ControllerConfig
 from controller.core import ControllerCore
 from engine import LLMEngine, SamplingParams
 from engine.sequence import ExitRecord
-from telemetry.schema import WindowStats
+from telemetry.schema import WindowStats, step_counts
 
 
 @dataclass
@@ -78,11 +78,10 @@ class Helios:
             self._log(served, d)
 
     def _window(self, name: str) -> WindowStats:
+        """What the telemetry reader would sum for these steps."""
         w = WindowStats(name, windows=1)
         for exits, step_s in self._steps[name]:
-            w.steps, w.busy_ms, w.tokens = w.steps + 1, w.busy_ms + 1e3 * step_s, w.tokens + len(exits)
-            w.greedy += sum(e.greedy for e in exits)
-            w.breaches += sum(e.breach for e in exits)
+            w.add(step_counts(exits, step_s))
             for e in exits:
                 w.exits[e.layer] = w.exits.get(e.layer, 0) + 1
         return w

@@ -30,12 +30,12 @@ class TelemetryReader:
         for exits, counts in zip(replies[::2], replies[1::2]):
             for layer, n in exits.items():
                 stats.exits[int(layer)] = stats.exits.get(int(layer), 0) + int(n)
-            self._add(stats, counts)
+            stats.add(counts)
         return stats
 
     def totals(self, candidate: str) -> schema.WindowStats:
         stats = schema.WindowStats(candidate, 0)
-        self._add(stats, self.redis.hgetall(schema.totals_key(candidate)))
+        stats.add(self.redis.hgetall(schema.totals_key(candidate)))
         return stats
 
     def shadow_by_layer(self, candidate: str) -> dict[int, tuple[int, int]]:
@@ -48,11 +48,3 @@ class TelemetryReader:
         return [{"candidate": f[b"candidate"].decode(), **json.loads(f[b"summary"])}
                 for _, f in self.redis.xrevrange(schema.BATCHES, count=count)]
 
-    @staticmethod
-    def _add(stats: schema.WindowStats, counts: dict) -> None:
-        for f, v in counts.items():
-            name = f.decode() if isinstance(f, bytes) else f
-            if name == "busy_ms":
-                stats.busy_ms += float(v)
-            elif name in schema.COUNT_FIELDS:
-                setattr(stats, name, getattr(stats, name) + int(v))

@@ -65,6 +65,13 @@ def shadow_key(candidate: str) -> str:
     return f"{PREFIX}:c:{candidate}:shadow"
 
 
+def step_counts(exits: list, busy_s: float) -> dict[str, float]:
+    """One engine step's exit records (engine.sequence.ExitRecord) as the counts a window sums;
+    busy_ms unrounded."""
+    return {"tokens": len(exits), "greedy": sum(r.greedy for r in exits), "breaches": sum(r.breach for r in exits),
+            "involuntary": sum(r.involuntary for r in exits), "steps": 1, "busy_ms": busy_s * 1e3}
+
+
 @dataclass(slots=True)
 class WindowStats:
     """What one candidate did over some windows: the controller's view of a candidate."""
@@ -81,6 +88,15 @@ class WindowStats:
     busy_ms: float = 0.0
     shadow_checked: int = 0
     shadow_agreed: int = 0
+
+    def add(self, counts: dict) -> None:
+        """Add counts keyed by field name (str, or bytes as Redis returns them)."""
+        for f, v in counts.items():
+            name = f.decode() if isinstance(f, bytes) else f
+            if name == "busy_ms":
+                self.busy_ms += float(v)
+            elif name in COUNT_FIELDS:
+                setattr(self, name, getattr(self, name) + int(v))
 
     @property
     def live_agreement(self) -> float | None:

@@ -39,14 +39,13 @@ class TelemetryWriter:
         """Account one engine step: its exit records and how long it kept the replica busy."""
         w = schema.window_of(now if now is not None else time.time(), self.config.window_s)
         hist = Counter(rec.layer for rec in exits)
-        greedy = sum(r.greedy for r in exits)
-        counts = {"tokens": len(exits), "greedy": greedy, "breaches": sum(r.breach for r in exits),
-                  "involuntary": sum(r.involuntary for r in exits), "steps": 1, "busy_ms": round(busy_s * 1e3)}
+        counts = schema.step_counts(exits, busy_s)
+        counts["busy_ms"] = round(counts["busy_ms"])  # Redis counters are integers
         with self._lock:
             self._exits[w].update(hist)
             self._counts[w].update(counts)
             if exits:
-                self._batches.append({"t": round(time.time(), 3), "rows": len(exits), "greedy": greedy,
+                self._batches.append({"t": round(time.time(), 3), "rows": len(exits), "greedy": counts["greedy"],
                                       "mean_layer": round(sum(r.layer for r in exits) / len(exits), 2),
                                       "depth": exits[0].loaded_depth})
             self._bound()

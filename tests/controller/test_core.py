@@ -44,7 +44,7 @@ def test_greedy_loading_then_profiling_then_selection_by_measured_speed():
 
 
 def test_breaches_load_deeper_then_switch_and_a_pin_holds():
-    core = ControllerCore(CFG.model_copy(update={"profile_sample": 1}), ["a", "b"])
+    core = ControllerCore(CFG, ["a", "b"])
     core.greedy_loads(_profiles(a=20, b=30))
     core.initial_select()
     for n, ms in (("a", 100.0), ("b", 1000.0)):
