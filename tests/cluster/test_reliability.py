@@ -30,14 +30,15 @@ def _text_tokens(events: list) -> int:
     return sum(1 for e in events if isinstance(e, dict) and "choices" in e)
 
 
+# every refusal is tested fast (tests/deployments/test_gateway.py); these go through Serve's HTTP
+# proxy as bytes, where framing and size limits act, and across the Ray hop to a replica
 @pytest.mark.parametrize("body, status, param", [
-    (json.dumps({"model": "smollm2", "prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
-    (b'{"model": "smollm2", "prompt": "a lone \\ud800 surrogate"}', 400, "prompt"),
     (b'{"model": "smollm2", "prompt": "\xff\xfe not UTF-8"}', 400, "body"),
     (b"[" * 100_000 + b"]" * 100_000, None, "body"),  # nested too deep, or simply too large: refused either way
     (json.dumps({"model": "smollm2", "prompt": "x" * 70_000}).encode(), 413, "body"),
-    (json.dumps({"model": "smollm2", "prompt": "x", "logprobs": 2}).encode(), 400, "logprobs"),
-    (json.dumps({"model": "smollm2", "prompt": "x", "echo": True}).encode(), 400, "echo"),
+    (json.dumps({"model": "smollm2", "prompt": "x", "seed": 2**64}).encode(), 400, "seed"),
+    # refused in the replica: the error crosses the Ray hop wrapped, and still names its field
+    (json.dumps({"model": "smollm2", "prompt": "word " * 1500}).encode(), 400, "prompt"),
 ])
 def test_hostile_requests_get_openai_errors(cluster, body, status, param):
     r = httpx.post(f"{cluster.url}/v1/completions", content=body, timeout=60,
