@@ -88,8 +88,8 @@ class Helios:
 
     def _load(self, name: str, depth: int) -> None:
         self.engines[name].load_layers(depth)
+        # the window keeps the steps before the load, as the cluster's telemetry windows do
         self.core.loaded(name, self.engines[name].depth)
-        self._steps[name].clear()  # its speed is measured again at the new depth
 
     def _log(self, served: int, d: P.Decision) -> None:
         self.decisions.append({"token": served, **d.to_dict()})
