@@ -15,7 +15,7 @@ from ray import serve
 
 from cluster.app import build_app, deployment_name
 from cluster.config import ClusterConfig
-from controller.actor import ensure_controller
+from controller.actor import ControllerSpec, ensure_controller
 from engine.config import helios_home
 from telemetry.schema import redact_url
 
@@ -113,7 +113,6 @@ def start(config: ClusterConfig, embedded_redis: bool) -> LocalCluster:
 def start_controller(config: ClusterConfig):
     """The named, detached controller actor (the existing one if it runs), started."""
     deployments = {c.name: deployment_name(c.name) for c in config.candidates}
-    controller = ensure_controller(config.controller.model_dump(mode="json"), config.telemetry.model_dump(),
-                                   deployments, config.app_name)
+    controller = ensure_controller(ControllerSpec(config.controller, config.telemetry, deployments, config.app_name))
     ray.get(controller.start.remote())
     return controller

@@ -14,7 +14,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 
 import ray
 import redis
@@ -37,6 +37,17 @@ def depth_field(candidate: str) -> str:
     return f"depth:{candidate}"
 
 
+@dataclass(frozen=True, slots=True)
+class ControllerSpec:
+    """What the controller actor is started with: its settings, where telemetry lives, and the Serve
+    deployment of each candidate (the gateway and `helios serve` both start it from this)."""
+
+    config: ControllerConfig
+    telemetry: TelemetryConfig
+    deployments: dict[str, str]  # candidate -> deployment name
+    app_name: str
+
+
 MEASURED = ("tokens_per_s", "step_ms", "greedy_rate", "mean_exit_layer", "agreement")
 log = logging.getLogger(__name__)
 
@@ -45,13 +56,12 @@ log = logging.getLogger(__name__)
 # gateway's watchdog calls start() again, which resumes the loop
 @ray.remote(num_cpus=0, max_restarts=-1)
 class HeliosController:
-    def __init__(self, config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):
-        self.cfg = ControllerConfig.model_validate(config)
-        tcfg = TelemetryConfig.model_validate(telemetry)
-        self.redis = redis.Redis.from_url(tcfg.redis_url, socket_timeout=2)
-        self.reader = TelemetryReader(tcfg, self.redis)
-        self.handles = {c: serve.get_deployment_handle(d, app_name) for c, d in deployments.items()}
-        self.names = sorted(deployments)
+    def __init__(self, spec: ControllerSpec):
+        self.cfg = spec.config
+        self.redis = redis.Redis.from_url(spec.telemetry.redis_url, socket_timeout=2)
+        self.reader = TelemetryReader(spec.telemetry, self.redis)
+        self.handles = {c: serve.get_deployment_handle(d, spec.app_name) for c, d in spec.deployments.items()}
+        self.names = sorted(spec.deployments)
         self.tuners: dict[str, ThresholdTuner] = {}
         self.seen: dict[str, tuple[int, int]] = {}  # candidate -> (tokens, breaches) already counted
         saved = self.redis.hgetall(STATE)
@@ -230,8 +240,8 @@ class HeliosController:
         self.metrics.decision(decision.action.value, decision.candidate)
 
 
-def ensure_controller(config: dict, telemetry: dict, deployments: dict[str, str], app_name: str):
+def ensure_controller(spec: ControllerSpec):
     """The named, detached controller actor: the running one, or a new one."""
-    cfg = ControllerConfig.model_validate(config)
+    cfg = spec.config
     return HeliosController.options(name=cfg.actor_name, namespace=cfg.namespace, lifetime="detached",
-                                    get_if_exists=True).remote(config, telemetry, deployments, app_name)
+                                    get_if_exists=True).remote(spec)

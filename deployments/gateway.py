@@ -22,8 +22,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from controller.actor import ensure_controller
-from controller.config import ControllerConfig
+from controller.actor import ControllerSpec, ensure_controller
 from deployments import openai_schema as oai
 from deployments.contracts import GenerateRequest
 from deployments import operator as op
@@ -113,19 +112,19 @@ def _usage(last) -> oai.Usage:
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 @serve.ingress(app)
 class Gateway:
-    def __init__(self, servers: dict[str, DeploymentHandle], controller: dict | None = None,
-                 default_max_tokens: int = 64, admin_key: str | None = None, limits: dict | None = None):
+    def __init__(self, servers: dict[str, DeploymentHandle], controller: ControllerSpec | None = None,
+                 default_max_tokens: int = 64, admin_key: str | None = None,
+                 limits: GatewayConfig | dict | None = None):
         global _limits
         _limits = self.limits = GatewayConfig.model_validate(limits or {}).with_env()
         self.servers = {name: h.options(stream=True) for name, h in servers.items()}
         self.default_max_tokens = default_max_tokens
         self.controller = None  # (actor name, namespace)
         self._last_route: str | None = None  # routing goes on with this while the controller is away
+        self._controller_spec = controller
         if controller is not None:
-            cfg = ControllerConfig.model_validate(controller["config"])
-            self.controller = (cfg.actor_name, cfg.namespace)
-            self._controller_args = controller
-            ensure_controller(**controller).start.remote()  # waits for the model servers; not awaited here
+            self.controller = (controller.config.actor_name, controller.config.namespace)
+            ensure_controller(controller).start.remote()  # waits for the model servers; not awaited here
         self._watchdog: asyncio.Task | None = None  # started by the first request (needs the running loop)
         self._chat: set[str] | None = None  # candidates with a chat template, learnt on first chat request
         self._ready = False
@@ -134,7 +133,7 @@ class Gateway:
 
     def _watch_controller(self) -> None:
         if self.controller and self._watchdog is None:
-            tick = ControllerConfig.model_validate(self._controller_args["config"]).tick_s
+            tick = self._controller_spec.config.tick_s
             self._watchdog = asyncio.get_running_loop().create_task(self._keep_controller(tick))
 
     async def _keep_controller(self, every_s: float) -> None:
@@ -143,7 +142,7 @@ class Gateway:
         an actor that is gone for good is recreated."""
         while True:
             try:
-                actor = ensure_controller(**self._controller_args)
+                actor = ensure_controller(self._controller_spec)
                 await actor.start.remote()  # returns at once when already started
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.warning("controller unavailable (%r); routing with the last table", e)

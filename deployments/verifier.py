@@ -27,8 +27,8 @@ SAMPLED_NUCLEUS = 0.9  # a sampled token agrees when it lies in the full model's
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class Verifier:
-    def __init__(self, engine: dict, telemetry: dict):
-        cfg = EngineConfig.model_validate({**engine, "depth": None, "exits": False})
+    def __init__(self, engine: EngineConfig, telemetry: TelemetryConfig):
+        cfg = EngineConfig.model_validate(engine).model_copy(update={"depth": None, "exits": False})
         self.engine = LLMEngine(cfg)
         self.telemetry = TelemetryConfig.model_validate(telemetry)
         self.writers: dict[str, TelemetryWriter] = {}

@@ -72,8 +72,8 @@ async def _through_the_actor(url: str, trace: list[tuple], monkeypatch) -> tuple
     monkeypatch.setattr(actor_mod.serve, "get_deployment_handle", lambda d, app: LocalHandle(replicas[d]))
     tcfg = TelemetryConfig(redis_url=url, window_s=3600)  # the whole trace falls in the windows read
     writers = {n: TelemetryWriter(n, tcfg) for n in NAMES}
-    actor = actor_mod.HeliosController.__ray_actor_class__(CFG.model_dump(), tcfg.model_dump(),
-                                                           {n: n for n in NAMES}, "app")
+    actor = actor_mod.HeliosController.__ray_actor_class__(actor_mod.ControllerSpec(CFG, tcfg, {n: n for n in NAMES},
+                                                                                    "app"))
     await actor.start()
     for _ in range(3):  # the loop's first tick, on no telemetry yet
         await asyncio.sleep(0)
