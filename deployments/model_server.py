@@ -28,7 +28,7 @@ from deployments.engine_loop import EngineLoop
 from deployments.shadow import ShadowSampler
 from deployments.streaming import HoldBack
 from engine import EngineConfig, LLMEngine, RequestError
-from engine.sequence import StepOutput
+from engine.sequence import ExitRecord, RequestOutput, StepOutput
 from engine.protocol import Engine
 from telemetry.metrics import ServerMetrics
 from telemetry.schema import TelemetryConfig
@@ -68,7 +68,7 @@ class CandidateConfig(BaseModel):
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
 class ModelServer:
-    def __init__(self, candidate: dict, telemetry: dict, verifier=None,
+    def __init__(self, candidate: CandidateConfig | dict, telemetry: TelemetryConfig | dict, verifier=None,
                  engine_cls: Callable[[EngineConfig], Engine] = LLMEngine):
         # engine_cls: the real LLMEngine, or any engine of the same shape (engine.protocol): a
         # scripted one runs this class in fast tests, with no model and no Ray
@@ -109,12 +109,17 @@ class ModelServer:
         text, finished = HoldBack(params), False
         try:
             while True:
-                out, exits = await queue.get()
-                delta = text.delta(out)  # raises StepFailed
-                yield Chunk(rid, delta, out.new_token_ids, out.finished, out.finish_reason, out.num_prompt_tokens,
-                            out.num_output_tokens, self.name, [e.layer for e in exits],
-                            sum(e.greedy for e in exits), self.engine.depth)
-                if out.finished:
+                items = [await queue.get()]
+                # a reader that fell behind by several steps gets them as one chunk: under load the
+                # hops above cost per chunk, not per token
+                while not queue.empty() and not items[-1][0].finished:
+                    items.append(queue.get_nowait())
+                if len(items) > 1 and items[-1][0].finish_reason == "error":
+                    yield self._chunk(rid, items[:-1], text)  # what came before the failure
+                    items = items[-1:]
+                chunk = self._chunk(rid, items, text)  # raises StepFailed
+                yield chunk
+                if chunk.finished:
                     finished = True
                     return
         finally:
@@ -124,6 +129,14 @@ class ModelServer:
             # there (an abort of a request that finished meanwhile does nothing)
             if self._queues.pop(rid, None) is not None and not finished:
                 self.loop.call_soon(lambda: self.engine.abort(rid))
+
+    def _chunk(self, rid: str, items: list[tuple[RequestOutput, list[ExitRecord]]], text: HoldBack) -> Chunk:
+        """Consecutive step outputs of one request as one Chunk."""
+        outs, exits = [o for o, _ in items], [e for _, ex in items for e in ex]
+        last = outs[-1]
+        return Chunk(rid, "".join(text.delta(o) for o in outs), [t for o in outs for t in o.new_token_ids],
+                     last.finished, last.finish_reason, last.num_prompt_tokens, last.num_output_tokens, self.name,
+                     [e.layer for e in exits], sum(e.greedy for e in exits), self.engine.depth)
 
     def _tokenize(self, prompt: str) -> list[int]:
         return self.engine.tokenizer(prompt)["input_ids"]

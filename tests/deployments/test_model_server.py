@@ -82,6 +82,27 @@ def test_a_client_that_goes_away_frees_its_slot_at_once(redis_url):
     assert server.engine.stats.tokens < 50  # it stopped generating for nobody
 
 
+def test_a_reader_that_falls_behind_gets_the_steps_it_missed_as_one_chunk(redis_url):
+    server = _server(redis_url, reply=lambda p: "abcdefghijklmnopqrstuvwxyz", step_s=0.01)
+
+    async def slow_reader(delay_s: float):
+        chunks = []
+        async for c in server.generate(_req(prompt="go", max_tokens=26)):
+            chunks.append(c)
+            await asyncio.sleep(delay_s)  # the step thread goes on meanwhile
+        return chunks
+
+    async def both():
+        return await slow_reader(0.0), await slow_reader(0.1)
+
+    prompt, slow = _run(both())
+    for chunks in (prompt, slow):
+        assert "".join(c.text for c in chunks) == "abcdefghijklmnopqrstuvwxyz"
+        assert sum(len(c.token_ids) for c in chunks) == sum(len(c.exit_layers) for c in chunks) == 26
+        assert chunks[-1].finished and chunks[-1].finish_reason == "length"
+    assert len(prompt) > 20 and len(slow) < 8  # fewer, larger chunks: nothing lost
+
+
 def test_a_failing_step_fails_its_requests_and_the_server_goes_on(redis_url):
     server = _server(redis_url, reply=lambda p: "ok!" if p == "bad" else f"fine {p}")
 
