@@ -74,13 +74,13 @@ def md_table(cols: list[str], rows: list[list]) -> list[str]:
         "| " + " | ".join(cell(v) for v in r) + " |" for r in rows]
 
 
-def write(name: str, rows: list[dict], header: str, plot) -> Path:
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps(rows, indent=2))
+def write(name: str, rows: list[dict], header: str, plot, out: Path = RESULTS) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(rows, indent=2))
     lines = [header, ""] + md_table(list(rows[0]), [list(r.values()) for r in rows])
-    (RESULTS / f"{name}.md").write_text("\n".join(lines) + f"\n\n![{name}]({name}.png)\n")
-    plot(RESULTS / f"{name}.png")
-    return RESULTS / f"{name}.md"
+    (out / f"{name}.md").write_text("\n".join(lines) + f"\n\n![{name}]({name}.png)\n")
+    plot(out / f"{name}.png")
+    return out / f"{name}.md"
 
 
 class EnergyMeter:

@@ -64,3 +64,19 @@ def test_matmul_plan_benchmark_times_both_plans(smollm2, tmp_path):
     assert all(r["step_ms_as_loaded"] > 0 and r["step_ms_tuned"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert rows[-1]["mean_exit_layer"] < 30  # the shipped heads take tokens out early
     assert (tmp_path / "mm.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "mm.md").read_text()
+
+
+def test_weights_benchmark_judges_each_format_against_fp32(smollm2, tmp_path):
+    from bench.weights import main as weights_bench
+
+    rows = weights_bench(["--formats", "fp32", "int8", "--prompts", "2", "--new-tokens", "4", "--batch", "1",
+                          "--out", str(tmp_path), "--name", "w"])
+    by = {r["system"]: r for r in rows}
+    assert list(by) == ["fp32, full depth", "fp32, exits", "int8, full depth", "int8, exits"]
+    fp32, int8 = by["fp32, full depth"], by["int8, full depth"]
+    assert fp32["agree_tf"] == fp32["agree_pos"] == 1.0  # the engine's fp32 is transformers' fp32
+    assert 0.5 <= int8["agree_tf"] <= 1.0 and int8["step_x_fp32"] > 0
+    # int8 layers and a bf16 head read well under half of fp32's bytes, and the floor follows them
+    assert int8["weights_MiB"] < 0.4 * fp32["weights_MiB"]
+    assert abs(int8["floor_ms"] / fp32["floor_ms"] - int8["weights_MiB"] / fp32["weights_MiB"]) < 1e-6
+    assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "w.md").read_text()

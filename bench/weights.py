@@ -1,0 +1,129 @@
+"""Weight formats on CPU: fp32, bf16 and int8 weight-only, at full depth and with the shipped exits.
+
+For each format one engine decodes the same held-out HumanEval prompts at each batch size (greedy,
+`--new-tokens` each, ignore_eos). Per row: decode step time (median), tok/s over the run, the
+format's weight-read floor (the bytes a full-depth decode step reads, layers and LM head, at the
+bandwidth a plain sum over a large tensor reaches here), and two agreements with the fp32 model:
+`agree_tf`, teacher-forced (the share of generated tokens transformers' fp32 model picks too given
+the same prefix: what a format changes per token), and `agree_pos`, position-wise against the fp32
+engine's own text at full depth (one early difference makes the rest of a text differ).
+
+    python -m bench.weights --prompts 16 --new-tokens 48 --batch 1 8
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from bench.common import RESULTS, agreement, command, humaneval_prompts, machine, token_agreement, write
+from engine import EngineConfig, LLMEngine, SamplingParams
+from engine.store import load_hf, resolve_source
+
+FORMATS = {"fp32": {"dtype": "float32"}, "bf16": {"dtype": "bfloat16"},
+           "int8": {"dtype": "bfloat16", "int8_weights": True}}
+
+
+@torch.inference_mode()
+def bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 5) -> float:
+    """Bytes per second a plain sum reads from memory (more than any cache holds)."""
+    x = torch.ones(size_bytes // 4)
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        x.sum()
+        best = min(best, time.perf_counter() - t0)
+    return size_bytes / best / 1e9
+
+
+def step_bytes(engine: LLMEngine) -> int:
+    """What a full-depth decode step reads: every layer's weights and the LM head."""
+    head = engine.model.lm_head_weight
+    return engine.model.weight_bytes()["layers"] + head.numel() * head.element_size()
+
+
+def run(label: str, cfg: EngineConfig, prompts: list[str], new_tokens: int, batch: int, gb_s: float) -> dict:
+    engine = LLMEngine(cfg.model_copy(update={"max_batch_size": batch}))
+    engine.generate(prompts[:batch], SamplingParams(max_tokens=8))  # warm-up: first bf16 steps are slow
+    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
+    ids = [engine.add_request(p, params) for p in prompts]
+    tokens, steps, layers = {i: [] for i in ids}, [], []
+    t0 = time.perf_counter()
+    while engine.has_unfinished():
+        s = time.perf_counter()
+        out = engine.step()
+        if not out.is_prefill:
+            steps.append(1e3 * (time.perf_counter() - s))
+        layers += [e.layer for e in out.exits]
+        for o in out.outputs:
+            tokens[o.request_id] += o.new_token_ids
+    wall = time.perf_counter() - t0
+    return {"system": label, "batch": batch, "tok_s": len(layers) / wall, "step_ms": statistics.median(steps),
+            "floor_ms": 1e3 * step_bytes(engine) / (gb_s * 1e9), "weights_MiB": step_bytes(engine) / 2**20,
+            "mean_exit_layer": sum(layers) / len(layers), "_tokens": [tokens[i] for i in ids]}
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--prompts", type=int, default=16)
+    ap.add_argument("--new-tokens", type=int, default=48)
+    ap.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    ap.add_argument("--name", default=None)
+    args = ap.parse_args(argv)
+    prompts = humaneval_prompts(args.prompts)
+    gb_s = bandwidth_gb_s()
+    systems = []
+    for f in args.formats:
+        base = EngineConfig(model=args.model, **FORMATS[f])
+        systems += [(f"{f}, full depth", base.model_copy(update={"exit_policy": "full"})), (f"{f}, exits", base)]
+    rows = [run(label, cfg, prompts, args.new_tokens, b, gb_s)
+            for b in tqdm(args.batch, desc="batch sizes") for label, cfg in tqdm(systems, leave=False)]
+    hf, tok = load_hf(resolve_source(args.model))  # fp32: the reference every format is judged by
+    for r in tqdm(rows, desc="agreement"):
+        ref = next(x for x in rows if x["batch"] == r["batch"] and x["system"] == systems[0][0])
+        r["agree_tf"] = token_agreement(hf, tok, prompts, r["_tokens"])
+        r["agree_pos"] = agreement(r["_tokens"], ref["_tokens"])[0]
+        r["step_x_fp32"] = r["step_ms"] / ref["step_ms"]
+    for r in rows:
+        del r["_tokens"]
+    name = args.name or f"weights-{args.model}-cpu"
+    header = (f"# Weight formats on CPU: {args.model}\n\nCommand: `{command()}`  \nMachine: {machine('cpu')}, "
+              f"a plain sum reads {gb_s:.1f} GB/s  \nWorkload: {args.prompts} held-out HumanEval prompts, "
+              f"{args.new_tokens} new tokens each (ignore_eos), greedy. `exits`: the shipped exit heads "
+              "(calibrated in fp32) under the default policy.")
+    print(write(name, rows, header, lambda path: plot(rows, path), args.out).read_text())
+    return rows
+
+
+def plot(rows: list[dict], path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(1, 2, figsize=(12, 4))
+    for batch in sorted({r["batch"] for r in rows}):
+        sel = [r for r in rows if r["batch"] == batch]
+        ax[0].barh([f"{r['system']} (bs {batch})" for r in sel], [r["step_ms"] for r in sel], alpha=0.8)
+        ax[0].scatter([r["floor_ms"] for r in sel], [f"{r['system']} (bs {batch})" for r in sel], color="k",
+                      marker="|", s=200, zorder=3)
+        ax[1].scatter([r["tok_s"] for r in sel], [r["agree_tf"] for r in sel], label=f"batch {batch}")
+        for r in sel:
+            ax[1].annotate(r["system"], (r["tok_s"], r["agree_tf"]), fontsize=7)
+    ax[0].set(xlabel="decode step (ms); | = weight-read floor")
+    ax[1].set(xlabel="output tokens/s", ylabel="token agreement with fp32 (teacher-forced)")
+    ax[1].legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
