@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from controller.config import ControllerConfig
 from deployments.http_limits import GatewayConfig
@@ -52,7 +52,11 @@ class ClusterConfig(BaseModel):
         """From a YAML file (or HELIOS_CONFIG), with REDIS_URL overriding the telemetry URL."""
         path = path or os.environ.get("HELIOS_CONFIG")
         data = yaml.safe_load(Path(path).read_text()) if path else {}
-        return cls.model_validate(data or {}).with_env()
+        try:
+            return cls.model_validate(data or {}).with_env()
+        except ValidationError as e:  # each problem as "file: where.in.it: what", the way an editor finds it
+            raise ValueError("\n".join(f"{path or 'embedded defaults'}: {'.'.join(map(str, err['loc'])) or '(top)'}: "
+                                       f"{err['msg']}" for err in e.errors())) from None
 
     def with_env(self) -> "ClusterConfig":
         """REDIS_URL, HELIOS_ADMIN_KEY and HELIOS_API_KEYS override the file: secrets stay out of config (Kubernetes)."""

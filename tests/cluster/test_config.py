@@ -20,6 +20,18 @@ def test_a_typo_anywhere_in_the_config_is_an_error_naming_it(doc, where):
     assert where in {".".join(map(str, err["loc"])) for err in e.value.errors()}
 
 
+def test_a_typo_in_a_config_file_is_reported_with_the_file_and_the_key(tmp_path, capsys):
+    from cluster.cli import main
+
+    path = tmp_path / "cluster.yaml"
+    path.write_text("controller:\n  breach_windw: 10\ncandidates:\n  - name: a\n    replicas: 2\n")
+    assert main(["k8s", "render", "--config", str(path), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: controller.breach_windw: Extra inputs are not permitted" in err
+    assert f"{path}: candidates.0.replicas: Extra inputs are not permitted" in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_the_defaults_and_the_generated_serve_config_still_validate():
     from cluster.k8s import serve_config
 
