@@ -136,3 +136,16 @@ def test_bad_requests_are_refused_naming_the_field_before_any_work(redis_url):
 
     assert _run(refused()) == [field for _, field in cases]
     assert server.engine.stats.tokens == 0 and server.engine.queue_lengths() == (0, 0)
+
+
+def test_an_engine_without_a_thread_count_leaves_cores_to_the_processes_serving_beside_it(redis_url, monkeypatch):
+    import deployments.model_server as ms
+
+    monkeypatch.setattr(ms, "usable_cpus", lambda: 8)
+    threads = {}
+    for name, candidate in {"default": {}, "none reserved": {"reserved_cpus": 0}, "set": {"engine": {"threads": 3}},
+                            "tiny": {"reserved_cpus": 16}}.items():
+        server = ModelServer.func_or_class({"name": "s", "shadow_rate": 0, **candidate}, {"redis_url": redis_url},
+                                           engine_cls=ScriptedEngine)
+        threads[name] = server.engine.config.threads
+    assert threads == {"default": 7, "none reserved": 8, "set": 3, "tiny": 1}
