@@ -131,6 +131,10 @@ class EngineConfig(BaseModel):
     max_prefill_tokens: int | None = Field(
         512, ge=1, description="Prompt tokens per prefill step: longer prompts are prefilled in chunks, and "
         "decode steps of the running requests go on between them. None: every admitted prompt whole.")
+    mixed_steps: bool = Field(True, description="A prefill step also carries every decoding request's next "
+                              "token, so decoding never waits for a prompt and both share one read of the "
+                              "weights (those tokens go to full depth; exits still choose them). False: "
+                              "prefill and decode steps alternate.")
     home: Path | None = Field(None, description="Converted-checkpoint cache; defaults to HELIOS_HOME.")
 
     @field_validator("exit_policy", mode="before")

@@ -123,7 +123,7 @@ class LLMEngine:
         self._step_s = cost.step_fixed_s + self.depth * cost.layer_s(kv.num_slots) if cost else 0.0
         self.stats = EngineStats()
         self.scheduler = Scheduler(kv.num_slots, self.eos_ids, config.max_model_len, self._detokenize,
-                                   config.max_prefill_tokens)
+                                   config.max_prefill_tokens, config.mixed_steps)
         self._ids = itertools.count()
         # no token spells more characters than the longest vocabulary entry, so a text longer than
         # this cannot fit the context: it is refused before any tokenising work
@@ -206,6 +206,8 @@ class LLMEngine:
 
     def _step(self, work: list[Sequence] | list[PrefillChunk], is_prefill: bool) -> StepOutput:
         start = time.perf_counter()
+        if is_prefill:
+            work = [self._with_pending(c) if c.decode else c for c in work]
         h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
         cfg = self.config
         slack = None if is_prefill or self.buffer is None else self._slack(work, start)
@@ -216,9 +218,9 @@ class LLMEngine:
         if checked:
             self.gate.observe(checked, stack.confident_at)
         rows = list(range(len(work)))
-        if is_prefill:  # only a chunk that ends its prompt yields a token
+        if is_prefill:  # only a chunk that ends its prompt, or decodes, yields a token
             for c in work:
-                c.seq.prefilled += c.length
+                c.seq.prefilled += 0 if c.decode else c.length
             rows = [r for r, c in enumerate(work) if c.completes]
         elif stack.held:  # rows waiting in the buffer: their tokens come next step
             held = set(stack.held)
@@ -248,6 +250,15 @@ class LLMEngine:
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
+
+    def _with_pending(self, chunk: PrefillChunk) -> PrefillChunk:
+        """A decoding sequence riding a prefill step starts at its first token still short of the
+        loaded depth (an early exit's, under the deferred fill; one waiting in the buffer): the step
+        recomputes them from the embeddings, so every layer's K/V is exact after it."""
+        seq, p = chunk.seq, chunk.seq.num_tokens - 1
+        short = (self.model.kv.level[seq.slot, :p] < self.depth).nonzero()
+        start = int(short[0]) if len(short) else p
+        return PrefillChunk(seq, start, p + 1 - start, decode=True)
 
     def _prefill_inputs(self, chunks: list[PrefillChunk]):
         """Prompt chunks packed back to back, not padded; a preempted sequence recomputes its output so far."""

@@ -8,13 +8,14 @@ from engine.sequence import PrefillChunk, RequestOutput, Sequence, Status
 
 class Scheduler:
     def __init__(self, num_slots: int, eos_ids: list[int], max_model_len: int, decode,
-                 prefill_budget: int | None = None):
+                 prefill_budget: int | None = None, mixed: bool = False):
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_slots = num_slots
         self.free_slots = list(range(num_slots - 1, -1, -1))
         self.eos_ids, self.max_model_len, self.decode = set(eos_ids), max_model_len, decode
         self.prefill_budget = prefill_budget  # prompt tokens per prefill step; None: every waiting prompt whole
+        self.mixed = mixed  # prefill steps carry every decoding sequence's next token too
         self.preempted = 0  # sequences sent back to waiting because the cache shrank
         self._last_prefill = False
 
@@ -45,7 +46,9 @@ class Scheduler:
     def schedule(self) -> tuple[list[Sequence] | list[PrefillChunk], bool]:
         """A prefill step (chunks of admitted prompts, at most `prefill_budget` tokens; a preempted
         sequence recomputes its output so far too) or a decode step of every sequence past its
-        prefill. While both kinds wait they alternate, so decoding goes on while prompts arrive."""
+        prefill. While both kinds wait they alternate, so decoding goes on while prompts arrive; or,
+        `mixed`, every prefill step also carries each decoding sequence's next token (one weight read
+        for both), counted against the budget first."""
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
             seq.slot, seq.status = self.free_slots.pop(), Status.RUNNING
@@ -53,10 +56,11 @@ class Scheduler:
             self.running.append(seq)
         decoding = [s for s in self.running if not s.prefilling]
         prefilling = [s for s in self.running if s.prefilling]
-        self._last_prefill = bool(prefilling) and not (decoding and self._last_prefill)
+        self._last_prefill = bool(prefilling) and (self.mixed or not (decoding and self._last_prefill))
         if not self._last_prefill:
             return decoding, False
-        chunks, budget = [], self.prefill_budget
+        chunks = [PrefillChunk(s, s.num_tokens - 1, 1, decode=True) for s in decoding] if self.mixed else []
+        budget = None if self.prefill_budget is None else max(self.prefill_budget - len(chunks), 1)
         for seq in prefilling:
             n = seq.prefill_len - seq.prefilled
             if budget is not None:

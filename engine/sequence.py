@@ -57,16 +57,19 @@ class Sequence:
 
 @dataclass(slots=True)
 class PrefillChunk:
-    """Tokens start..start+length of a sequence's prefill, run in one step."""
+    """Tokens start..start+length of a sequence's prefill, run in one step; or, with `decode`, a
+    decoding sequence's newest token (and any tokens before it still short of the loaded depth)
+    riding a prefill step."""
 
     seq: Sequence
     start: int
     length: int
+    decode: bool = False
 
     @property
     def completes(self) -> bool:
-        """The chunk ends the prefill: the step samples the sequence's next token from it."""
-        return self.start + self.length == self.seq.prefill_len
+        """The step samples the sequence's next token from this chunk: it ends the prefill, or decodes."""
+        return self.decode or self.start + self.length == self.seq.prefill_len
 
 
 @dataclass(slots=True)
