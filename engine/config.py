@@ -129,8 +129,9 @@ class EngineConfig(BaseModel):
         "loaded layers, and follows the depth: fewer layers, more sequences. None: max_batch_size.")
     max_model_len: int = Field(1024, ge=16, description="Prompt plus generated tokens per sequence.")
     max_prefill_tokens: int | None = Field(
-        512, ge=1, description="Prompt tokens per prefill step: longer prompts are prefilled in chunks, and "
-        "decode steps of the running requests go on between them. None: every admitted prompt whole.")
+        512, ge=1, description="Prompt tokens per prefill step (decoding requests' tokens riding it count "
+        "first): longer prompts are prefilled in chunks, and the running requests go on decoding meanwhile. "
+        "None: every admitted prompt whole.")
     mixed_steps: bool = Field(True, description="A prefill step also carries every decoding request's next "
                               "token, so decoding never waits for a prompt and both share one read of the "
                               "weights (those tokens go to full depth; exits still choose them). False: "
