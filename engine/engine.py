@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
-from engine import deferred
+from engine import deferred, inputs
 from engine.buffer import BufferPlanner
 from engine.config import EngineConfig, SamplingParams, unicode_problem
 from engine.exit_gate import ExitGate, measure_check
@@ -207,8 +207,10 @@ class LLMEngine:
     def _step(self, work: list[Sequence] | list[PrefillChunk], is_prefill: bool) -> StepOutput:
         start = time.perf_counter()
         if is_prefill:
-            work = [self._with_pending(c) if c.decode else c for c in work]
-        h, ctx, last_idx = (self._prefill_inputs if is_prefill else self._decode_inputs)(work)
+            work = [inputs.with_pending(self.model, c) if c.decode else c for c in work]
+            h, ctx, last_idx = inputs.prefill(self.model, work)
+        else:
+            h, ctx, last_idx = inputs.decode(self.model, work, self._defers)
         cfg = self.config
         slack = None if is_prefill or self.buffer is None else self._slack(work, start)
         checked = None if is_prefill or self.gate is None or self.exits is None else self._gated_checks(len(work))
@@ -250,44 +252,6 @@ class LLMEngine:
         st.splits += stack.splits
         st.splits_skipped += stack.splits_skipped
         return StepOutput(outputs, records, is_prefill)
-
-    def _with_pending(self, chunk: PrefillChunk) -> PrefillChunk:
-        """A decoding sequence riding a prefill step starts at its first token still short of the
-        loaded depth (an early exit's, under the deferred fill; one waiting in the buffer): the step
-        recomputes them from the embeddings, so every layer's K/V is exact after it."""
-        seq, p = chunk.seq, chunk.seq.num_tokens - 1
-        short = (self.model.kv.level[seq.slot, :p] < self.depth).nonzero()
-        start = int(short[0]) if len(short) else p
-        return PrefillChunk(seq, start, p + 1 - start, decode=True)
-
-    def _prefill_inputs(self, chunks: list[PrefillChunk]):
-        """Prompt chunks packed back to back, not padded; a preempted sequence recomputes its output so far."""
-        dev = self.model.device
-        ids = [(c.seq.prompt_ids + c.seq.output_ids)[c.start:c.start + c.length] for c in chunks]
-        ids = torch.tensor([list(itertools.chain.from_iterable(ids))], device=dev)
-        ctx = self.model.make_packed_ctx(torch.tensor([c.seq.slot for c in chunks], device=dev),
-                                         [(c.start, c.length) for c in chunks])
-        last_idx = torch.tensor([c.length for c in chunks], device=dev).cumsum(0) - 1
-        return self.model.embed_tokens(ids), ctx, last_idx
-
-    def _decode_inputs(self, seqs: list[Sequence]):
-        """Each row's newest token; under the deferred fill its pending tokens ride along as columns,
-        and a token that waited in the buffer comes back at its level, its state from the cache."""
-        dev = self.model.device
-        slots = torch.tensor([s.slot for s in seqs], device=dev)
-        h = self.model.embed_tokens(torch.tensor([[s.output_ids[-1]] for s in seqs], device=dev))
-        positions, level = torch.tensor([[s.num_tokens - 1] for s in seqs], device=dev), None
-        last_idx = torch.zeros(len(seqs), dtype=torch.long, device=dev)
-        if self._defers:
-            held = [s.held_since is not None for s in seqs]
-            positions, level, last_idx = deferred.pending_columns(self.model, [s.slot for s in seqs],
-                                                                  [s.num_tokens - 1 for s in seqs], held=held)
-            if positions.shape[1] > 1 or any(held):
-                columns = self.model.kv.top_hidden[slots[:, None], positions]
-                fresh = torch.tensor([not x for x in held], device=dev)
-                columns[fresh, :1] = h[fresh]
-                h = columns
-        return h, self.model.make_ctx(slots, positions, level), last_idx
 
     def _gated_checks(self, rows: int) -> set[int]:
         """The exit points worth checking in a decode step of `rows` rows (engine.exit_gate)."""
