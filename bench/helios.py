@@ -20,8 +20,6 @@ import statistics
 import sys
 from pathlib import Path
 
-import yaml
-from pydantic import ValidationError
 from tqdm.auto import tqdm
 
 from bench.common import RESULTS, EnergyMeter, agreement, machine, md_table, rouge_l, token_agreement
@@ -30,6 +28,7 @@ from bench.serving import Helios, Single, serve
 from bench.workloads import workload
 from controller.config import ControllerConfig
 from engine import EngineConfig, LLMEngine
+from engine.config import from_pairs
 
 COPY = "rebatch, state copy"
 BUFFER = "rebatch + buffer"
@@ -42,16 +41,7 @@ BENCH_CONTROLLER = {"profile_sample": 1}
 
 def controller_config(defaults: dict, pairs: list[str]) -> ControllerConfig:
     """ControllerConfig from `defaults` and FIELD=VALUE pairs (values read as YAML scalars)."""
-    fields = dict(defaults)
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise SystemExit(f"--controller takes FIELD=VALUE, got {pair!r}")
-        fields[key] = yaml.safe_load(value)
-    try:
-        return ControllerConfig.model_validate(fields)
-    except ValidationError as e:
-        raise SystemExit(f"--controller: {e}") from None
+    return from_pairs(ControllerConfig, defaults, pairs, "--controller")
 
 
 def _pct(xs: list[float], q: float) -> float:

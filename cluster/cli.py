@@ -8,10 +8,11 @@ from pathlib import Path
 
 
 def _generate(args) -> int:
-    from engine.config import EngineConfig, SamplingParams
+    from engine.config import EngineConfig, SamplingParams, from_pairs
     from engine.engine import LLMEngine
 
-    engine = LLMEngine(EngineConfig(model=args.model, depth=args.depth, exits=not args.no_exits, device=args.device))
+    engine = LLMEngine(from_pairs(EngineConfig, {"model": args.model, "depth": args.depth, "exits": not args.no_exits,
+                                                  "device": args.device}, args.set, "--set"))
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             seed=args.seed, stop=args.stop or [])
     prompts = args.prompt or ["def fibonacci(n):", "The three primary colours are"]
@@ -123,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                   help="any other EngineConfig field, e.g. --set dtype=bfloat16 exit_policy=ride_along")
     g.set_defaults(fn=_generate)
 
     c = sub.add_parser("calibrate", help="train exit heads and agreement predictors, choose thresholds")

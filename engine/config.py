@@ -165,3 +165,22 @@ class EngineConfig(BaseModel):
     @property
     def cpu_threads(self) -> int:
         return self.threads or usable_cpus()
+
+
+def from_pairs(model: type[BaseModel], defaults: dict, pairs: list[str], flag: str) -> BaseModel:
+    """A config model from `defaults` and command-line FIELD=VALUE pairs (values read as YAML scalars):
+    every field is settable without a flag of its own, and a typo is refused naming it."""
+    import yaml
+    from pydantic import ValidationError
+
+    fields = dict(defaults)
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise SystemExit(f"{flag} takes FIELD=VALUE, got {pair!r}")
+        fields[key] = yaml.safe_load(value)
+    try:
+        return model.model_validate(fields)
+    except ValidationError as e:
+        raise SystemExit(f"{flag}: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
+                                                 for err in e.errors())) from None
