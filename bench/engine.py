@@ -10,7 +10,7 @@ import time
 import torch
 from tqdm.auto import tqdm
 
-from bench.common import agreement, command, humaneval_prompts, machine, write
+from bench.common import agreement, command, decode_all, humaneval_prompts, machine, mean_layer, write
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.store import load_hf, resolve_source
 
@@ -18,25 +18,12 @@ from engine.store import load_hf, resolve_source
 def run_engine(label, cfg: EngineConfig, prompts, new_tokens, batch) -> dict:
     engine = LLMEngine(cfg.model_copy(update={"max_batch_size": batch}))
     engine.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    steps, t0 = [], time.perf_counter()
-    results = {}
-    ids = [engine.add_request(p, params) for p in prompts]
-    records = []
-    while engine.has_unfinished():
-        s = time.perf_counter()
-        out = engine.step()
-        if not out.is_prefill:
-            steps.append(time.perf_counter() - s)
-        records += out.exits
-        for o in out.outputs:
-            results.setdefault(o.request_id, []).extend(o.new_token_ids)
-    wall = time.perf_counter() - t0
-    depth = sum(r.layer for r in records) / len(records)
-    return {"system": label, "batch": batch, "tok_s": len(records) / wall,
-            "step_ms": 1e3 * sum(steps) / max(len(steps), 1), "mem_MiB": engine.memory_bytes()["total"] / 2**20,
-            "mean_exit_layer": depth, "loaded_depth": engine.depth,
-            "greedy_exits": sum(r.greedy for r in records) / len(records), "_tokens": [results[i] for i in ids]}
+    run = decode_all(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    records = run.exits
+    return {"system": label, "batch": batch, "tok_s": len(records) / run.wall_s,
+            "step_ms": sum(run.step_ms) / max(len(run.step_ms), 1), "mem_MiB": engine.memory_bytes()["total"] / 2**20,
+            "mean_exit_layer": mean_layer(records), "loaded_depth": engine.depth,
+            "greedy_exits": sum(r.greedy for r in records) / len(records), "_tokens": run.tokens}
 
 
 def run_peer(model, tokenizer, prompts, new_tokens, batch, device) -> dict:

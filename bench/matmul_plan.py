@@ -19,24 +19,15 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.common import RESULTS, command, humaneval_prompts, machine, md_table
+from bench.common import RESULTS, command, decode_all, humaneval_prompts, machine, md_table, mean_layer
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.matmul_plan import MatmulPlan
 
 
 def decode_ms(engine: LLMEngine, prompts: list[str], new_tokens: int) -> tuple[list[float], float]:
     """Decode step times (ms) for these prompts run together, and their mean exit layer."""
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    for p in prompts:
-        engine.add_request(p, params)
-    steps, layers = [], []
-    while engine.has_unfinished():
-        t0 = time.perf_counter()
-        out = engine.step()
-        if not out.is_prefill:
-            steps.append(1e3 * (time.perf_counter() - t0))
-            layers += [e.layer for e in out.exits]
-    return steps, sum(layers) / max(len(layers), 1)
+    run = decode_all(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    return run.step_ms, mean_layer(run.decode_exits)
 
 
 @torch.inference_mode()

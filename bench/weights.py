@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from bench.common import RESULTS, agreement, command, humaneval_prompts, machine, token_agreement, write
+from bench.common import (RESULTS, agreement, command, decode_all, humaneval_prompts, machine, mean_layer,
+                          token_agreement, write)
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.store import load_hf, resolve_source
 
@@ -49,22 +50,11 @@ def step_bytes(engine: LLMEngine) -> int:
 def run(label: str, cfg: EngineConfig, prompts: list[str], new_tokens: int, batch: int, gb_s: float) -> dict:
     engine = LLMEngine(cfg.model_copy(update={"max_batch_size": batch}))
     engine.generate(prompts[:batch], SamplingParams(max_tokens=8))  # warm-up: first bf16 steps are slow
-    params = SamplingParams(max_tokens=new_tokens, ignore_eos=True)
-    ids = [engine.add_request(p, params) for p in prompts]
-    tokens, steps, layers = {i: [] for i in ids}, [], []
-    t0 = time.perf_counter()
-    while engine.has_unfinished():
-        s = time.perf_counter()
-        out = engine.step()
-        if not out.is_prefill:
-            steps.append(1e3 * (time.perf_counter() - s))
-        layers += [e.layer for e in out.exits]
-        for o in out.outputs:
-            tokens[o.request_id] += o.new_token_ids
-    wall = time.perf_counter() - t0
-    return {"system": label, "batch": batch, "tok_s": len(layers) / wall, "step_ms": statistics.median(steps),
-            "floor_ms": 1e3 * step_bytes(engine) / (gb_s * 1e9), "weights_MiB": step_bytes(engine) / 2**20,
-            "mean_exit_layer": sum(layers) / len(layers), "_tokens": [tokens[i] for i in ids]}
+    run = decode_all(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
+    size = step_bytes(engine)
+    return {"system": label, "batch": batch, "tok_s": len(run.exits) / run.wall_s,
+            "step_ms": statistics.median(run.step_ms), "floor_ms": 1e3 * size / (gb_s * 1e9),
+            "weights_MiB": size / 2**20, "mean_exit_layer": mean_layer(run.exits), "_tokens": run.tokens}
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
