@@ -15,6 +15,7 @@ from controller.config import ControllerConfig
 from deployments.http_limits import GatewayConfig
 from deployments.model_server import CandidateConfig
 from engine import EngineConfig
+from engine.config import problems
 from telemetry.schema import TelemetryConfig
 
 
@@ -55,8 +56,7 @@ class ClusterConfig(BaseModel):
         try:
             return cls.model_validate(data or {}).with_env()
         except ValidationError as e:  # each problem as "file: where.in.it: what", the way an editor finds it
-            raise ValueError("\n".join(f"{path or 'embedded defaults'}: {'.'.join(map(str, err['loc'])) or '(top)'}: "
-                                       f"{err['msg']}" for err in e.errors())) from None
+            raise ValueError("\n".join(f"{path or 'embedded defaults'}: {p}" for p in problems(e))) from None
 
     def with_env(self) -> "ClusterConfig":
         """REDIS_URL, HELIOS_ADMIN_KEY and HELIOS_API_KEYS override the file: secrets stay out of config (Kubernetes)."""

@@ -182,5 +182,9 @@ def from_pairs(model: type[BaseModel], defaults: dict, pairs: list[str], flag: s
     try:
         return model.model_validate(fields)
     except ValidationError as e:
-        raise SystemExit(f"{flag}: " + "; ".join(f"{'.'.join(map(str, err['loc']))}: {err['msg']}"
-                                                 for err in e.errors())) from None
+        raise SystemExit(f"{flag}: " + "; ".join(problems(e))) from None
+
+
+def problems(e) -> list[str]:
+    """A pydantic ValidationError as `where.in.the.config: what`, one per problem."""
+    return [f"{'.'.join(map(str, err['loc'])) or '(top)'}: {err['msg']}" for err in e.errors()]
