@@ -119,11 +119,9 @@ class Gateway:
         _limits = self.limits = GatewayConfig.model_validate(limits or {}).with_env()
         self.servers = {name: h.options(stream=True) for name, h in servers.items()}
         self.default_max_tokens = default_max_tokens
-        self.controller = None  # (actor name, namespace)
+        self.controller = controller  # None: routing without a controller actor
         self._last_route: str | None = None  # routing goes on with this while the controller is away
-        self._controller_spec = controller
         if controller is not None:
-            self.controller = (controller.config.actor_name, controller.config.namespace)
             ensure_controller(controller).start.remote()  # waits for the model servers; not awaited here
         self._watchdog: asyncio.Task | None = None  # started by the first request (needs the running loop)
         self._chat: set[str] | None = None  # candidates with a chat template, learnt on first chat request
@@ -133,7 +131,7 @@ class Gateway:
 
     def _watch_controller(self) -> None:
         if self.controller and self._watchdog is None:
-            tick = self._controller_spec.config.tick_s
+            tick = self.controller.config.tick_s
             self._watchdog = asyncio.get_running_loop().create_task(self._keep_controller(tick))
 
     async def _keep_controller(self, every_s: float) -> None:
@@ -142,7 +140,7 @@ class Gateway:
         an actor that is gone for good is recreated."""
         while True:
             try:
-                actor = ensure_controller(self._controller_spec)
+                actor = ensure_controller(self.controller)
                 await actor.start.remote()  # returns at once when already started
             except Exception as e:  # noqa: BLE001 - the next round tries again
                 log.warning("controller unavailable (%r); routing with the last table", e)
@@ -249,7 +247,7 @@ class Gateway:
     async def _controller_call(self, method: str, *args, param: str | None = None):
         self._watch_controller()
         try:
-            actor = ray.get_actor(*self.controller) if self.controller else None
+            actor = self._actor() if self.controller else None
         except ValueError:
             actor = None
         if actor is None:
@@ -262,6 +260,11 @@ class Gateway:
             raise
 
     # ---- plumbing ----------------------------------------------------------------------------------
+    def _actor(self):
+        """The running controller actor (ValueError when there is none)."""
+        cfg = self.controller.config
+        return ray.get_actor(cfg.actor_name, cfg.namespace)
+
     async def _route(self, requested: str, chat: bool) -> str:
         self._watch_controller()
         if requested != "auto":
@@ -274,8 +277,7 @@ class Gateway:
         choice = self._last_route or sorted(self.servers)[0]
         if self.controller:
             try:
-                choice = self._last_route = await asyncio.wait_for(
-                    ray.get_actor(*self.controller).route.remote(), 5)
+                choice = self._last_route = await asyncio.wait_for(self._actor().route.remote(), 5)
             except Exception:  # noqa: BLE001 - controller away: route as it last said
                 pass
         if chat:  # a base model without a chat template cannot take messages; "auto" avoids it
