@@ -20,6 +20,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from bench.common import RESULTS, command, humaneval_prompts, machine
+from engine.config import usable_cpus
 
 
 @dataclass
@@ -100,11 +101,14 @@ def summarize(outcomes: list[Outcome], seconds: float) -> dict:
             "tpot_ms": {"p50": pct(tpot, 50), "p99": pct(tpot, 99)}}
 
 
-def engine_rate(model: str, clients: int, max_tokens: int, prompts: list[str], seconds: float) -> float:
-    """Tokens/s of the in-process engine kept at `clients` requests in flight for `seconds`."""
+def engine_rate(model: str, clients: int, max_tokens: int, prompts: list[str], seconds: float,
+                threads: int | None = None, batch: int | None = None) -> float:
+    """Tokens/s of the in-process engine kept at `clients` requests in flight for `seconds`
+    (`threads`: torch's threads, None for every usable CPU; `batch`: the engine's batch, default
+    min(clients, 8))."""
     from engine import EngineConfig, LLMEngine, SamplingParams
 
-    engine = LLMEngine(EngineConfig(model=model, max_batch_size=min(clients, 8)))
+    engine = LLMEngine(EngineConfig(model=model, max_batch_size=batch or min(clients, 8), threads=threads))
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0)
     n, tokens, deadline = 0, 0, time.monotonic() + seconds
     t0 = time.monotonic()
@@ -114,6 +118,24 @@ def engine_rate(model: str, clients: int, max_tokens: int, prompts: list[str], s
             n += 1
         tokens += sum(len(o.new_token_ids) for o in engine.step().outputs)
     return tokens / (time.monotonic() - t0)
+
+
+def wait_idle(limit_s: float = 120.0, idle_share: float = 0.9) -> float:
+    """Wait (at most `limit_s`) until the CPUs are `idle_share` idle over 2 s: the cluster, still up
+    beside the in-process engine, finishes its backlog (the shadow verifier's) first. -> idle share."""
+    def times() -> tuple[int, int]:
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return v[3] + v[4], sum(v)  # idle + iowait, total
+
+    idle = 0.0
+    for _ in range(int(limit_s / 2)):
+        (i0, t0), _ = times(), time.sleep(2)
+        i1, t1 = times()
+        idle = (i1 - i0) / max(1, t1 - t0)
+        if idle >= idle_share:
+            break
+    return idle
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -126,6 +148,13 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--api-key", default=None)
     p.add_argument("--engine", default=None, help="also measure this model in-process at the same concurrency")
     p.add_argument("--engine-seconds", type=float, default=60.0)
+    p.add_argument("--engine-threads", type=int, nargs="+", default=[0],
+                   help="torch threads of each in-process engine measured (0: every usable CPU, the default "
+                        "engine); give the replicas' count too to see the serving path's own cost apart")
+    p.add_argument("--engine-batch", type=int, default=None, help="in-process engine's batch (default "
+                   "min(clients, 8), one replica's default)")
+    p.add_argument("--cluster-config", default=None, help="the config `helios serve` was started with: "
+                   "recorded with the results (the default: embedded defaults)")
     p.add_argument("--out", default=str(RESULTS / "load-cpu.json"))
     args = p.parse_args(argv)
     prompts = humaneval_prompts(16)
@@ -134,11 +163,16 @@ def main(argv: list[str] | None = None) -> dict:
     seconds = args.minutes * 60
     outcomes = asyncio.run(run_clients(args.url, args.clients, seconds, body_of, args.api_key))
     result = {"command": command(), "machine": machine("cpu"), "clients": args.clients, "seconds": seconds,
-              "max_tokens": args.max_tokens, "cluster": summarize(outcomes, seconds)}
+              "max_tokens": args.max_tokens, "cluster_config": args.cluster_config or "embedded defaults",
+              "cluster": summarize(outcomes, seconds)}
     if args.engine:
-        rate = engine_rate(args.engine, args.clients, args.max_tokens, prompts, args.engine_seconds)
-        result["engine_tok_s"] = round(rate, 1)
-        result["cluster_over_engine"] = round(result["cluster"]["tok_s"] / rate, 2)
+        result["engine"], result["idle_before_engine"] = [], round(wait_idle(), 2)
+        for threads in args.engine_threads:
+            rate = engine_rate(args.engine, args.clients, args.max_tokens, prompts, args.engine_seconds,
+                               threads or None, args.engine_batch)
+            result["engine"].append({"threads": threads or usable_cpus(), "batch": args.engine_batch or
+                                     min(args.clients, 8), "tok_s": round(rate, 1),
+                                     "cluster_over_engine": round(result["cluster"]["tok_s"] / rate, 2)})
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
     print(json.dumps(result, indent=2))
