@@ -150,6 +150,8 @@ def main(argv=None) -> Path:
     ap.add_argument("--controller", nargs="+", default=[], metavar="FIELD=VALUE",
                     help="HELIOS controller settings (fields of controller.config.ControllerConfig), over the "
                          f"cluster's defaults and the benchmark's own: {BENCH_CONTROLLER}")
+    ap.add_argument("--set", nargs="+", default=[], metavar="FIELD=VALUE",
+                    help="EngineConfig fields of every system's engine, e.g. --set dtype=bfloat16 int8_weights=true")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--home", default=None, help="converted checkpoints (default: HELIOS_HOME)")
     ap.add_argument("--out", type=Path, default=RESULTS)
@@ -163,7 +165,7 @@ def main(argv=None) -> Path:
         args.prompts, args.new_tokens, args.batch = 3, 8, [2]
     args.controller = controller_config(overrides, args.controller)
 
-    base = EngineConfig(model=args.model, device=args.device, home=args.home)
+    base = from_pairs(EngineConfig, {"model": args.model, "device": args.device, "home": args.home}, args.set, "--set")
     probe = LLMEngine(base.model_copy(update={"max_batch_size": 1, "exit_policy": "full"}))
     if probe.exits is None:
         raise SystemExit(f"no calibrated exit heads for {args.model}: run `helios calibrate {args.model}` first")

@@ -1,8 +1,8 @@
 """llama.cpp on the same GGUF: the engine a CPU user would otherwise pick.
 
-An optional extra of the benchmark (`pip install '.[llamacpp]'` compiles llama.cpp for about a
-quarter of an hour), never a CI dependency. Requests run one after another: the Python binding
-serves a single sequence, which is how a one-user CPU setup runs it.
+An optional extra of the benchmark (`pip install '.[llamacpp]'` compiles llama.cpp in 3-15 minutes),
+never a CI dependency. Requests run one after another: the Python binding serves a single sequence,
+which is how a one-user CPU setup runs it.
 """
 from __future__ import annotations
 

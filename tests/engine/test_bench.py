@@ -9,6 +9,13 @@ from cluster.cli import main
 pytestmark = pytest.mark.slow
 
 
+def test_engine_settings_are_validated_before_any_model_loads(tmp_path):
+    with pytest.raises(SystemExit, match="dtyp"):
+        main(["bench", "--short", "--set", "dtyp=bfloat16", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit, match="int8_weights"):  # int8 needs bf16 activations on the CPU
+        main(["bench", "--short", "--set", "int8_weights=true", "--out", str(tmp_path)])
+
+
 def test_short_benchmark_writes_its_table_and_plots(smollm2_calibrated, tmp_path):
     ref, _ = smollm2_calibrated
     assert main(["bench", "--short", "--home", str(ref.home), "--out", str(tmp_path), "--name", "short"]) == 0
