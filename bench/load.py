@@ -5,7 +5,7 @@ itself) and records TTFT, TPOT and how the request ended. With `--engine` it the
 model in-process at the same concurrency, so the cluster's tok/s is read as a ratio to the engine's
 on the same machine in the same run.
 
-    python -m bench.load --url http://127.0.0.1:8000 --clients 64 --minutes 5 --engine smollm2
+    python -m bench.load --url http://127.0.0.1:8000 --clients 64 --minutes 5 --engine smollm2 --engine-threads 0 1
 """
 from __future__ import annotations
 
@@ -130,7 +130,8 @@ def wait_idle(limit_s: float = 120.0, idle_share: float = 0.9) -> float:
 
     idle = 0.0
     for _ in range(int(limit_s / 2)):
-        (i0, t0), _ = times(), time.sleep(2)
+        i0, t0 = times()
+        time.sleep(2)
         i1, t1 = times()
         idle = (i1 - i0) / max(1, t1 - t0)
         if idle >= idle_share:
@@ -167,11 +168,11 @@ def main(argv: list[str] | None = None) -> dict:
               "cluster": summarize(outcomes, seconds)}
     if args.engine:
         result["engine"], result["idle_before_engine"] = [], round(wait_idle(), 2)
+        batch = args.engine_batch or min(args.clients, 8)
         for threads in args.engine_threads:
             rate = engine_rate(args.engine, args.clients, args.max_tokens, prompts, args.engine_seconds,
-                               threads or None, args.engine_batch)
-            result["engine"].append({"threads": threads or usable_cpus(), "batch": args.engine_batch or
-                                     min(args.clients, 8), "tok_s": round(rate, 1),
+                               threads or None, batch)
+            result["engine"].append({"threads": threads or usable_cpus(), "batch": batch, "tok_s": round(rate, 1),
                                      "cluster_over_engine": round(result["cluster"]["tok_s"] / rate, 2)})
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)
