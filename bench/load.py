@@ -13,7 +13,7 @@ import argparse
 import asyncio
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 
 import httpx
 import numpy as np
@@ -113,7 +113,7 @@ def engine_rate(model: str, clients: int, max_tokens: int, prompts: list[str], s
     n, tokens, deadline = 0, 0, time.monotonic() + seconds
     t0 = time.monotonic()
     while time.monotonic() < deadline:
-        while len(engine.scheduler.running) + len(engine.scheduler.waiting) < clients:
+        while sum(engine.queue_lengths()) < clients:
             engine.add_request(prompts[n % len(prompts)], params)
             n += 1
         tokens += sum(len(o.new_token_ids) for o in engine.step().outputs)
