@@ -41,17 +41,17 @@ def bandwidth_gb_s(size_bytes: int = 1 << 30, reps: int = 5) -> float:
     return size_bytes / best / 1e9
 
 
-def step_bytes(engine: LLMEngine) -> int:
-    """What a full-depth decode step reads: every layer's weights and the LM head."""
-    head = engine.model.lm_head_weight
-    return engine.model.weight_bytes()["layers"] + head.numel() * head.element_size()
+def step_bytes(engine: LLMEngine, rows: int) -> int:
+    """What a full-depth decode step of `rows` rows reads: every layer's weights and the LM head
+    (its int8 copy at the row counts the engine runs it for)."""
+    return engine.model.weight_bytes()["layers"] + engine.model.head_bytes(rows)
 
 
 def run(label: str, cfg: EngineConfig, prompts: list[str], new_tokens: int, batch: int, gb_s: float) -> dict:
     engine = LLMEngine(cfg.model_copy(update={"max_batch_size": batch}))
     engine.generate(prompts[:batch], SamplingParams(max_tokens=8))  # warm-up: first bf16 steps are slow
     run = decode_all(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
-    size = step_bytes(engine)
+    size = step_bytes(engine, batch)
     return {"system": label, "batch": batch, "tok_s": len(run.exits) / run.wall_s,
             "step_ms": statistics.median(run.step_ms), "floor_ms": 1e3 * size / (gb_s * 1e9),
             "weights_MiB": size / 2**20, "mean_exit_layer": mean_layer(run.exits), "_tokens": run.tokens}

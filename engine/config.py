@@ -113,7 +113,8 @@ class EngineConfig(BaseModel):
     )
     int8_weights: bool = Field(
         False, description="CPU: store the decoder layers' linear weights as int8, one scale per output "
-        "channel (weight-only; activations stay bfloat16, so it needs dtype='bfloat16'). Half the bytes of "
+        "channel (weight-only; activations stay bfloat16, so it needs dtype='bfloat16'), and keep an int8 "
+        "copy of the LM head for the row counts where start-up measured it faster. Half the bytes of "
         "bf16 per decode step; its tokens differ from fp32's about as much as bf16's do.")
     threads: int | None = Field(None, ge=1, description="CPU threads for torch's kernels; None: every CPU this "
                                 "process may run on (a Ray worker otherwise inherits OMP_NUM_THREADS=1).")

@@ -37,9 +37,10 @@ class MatmulPlan:
     col_major: bool = False  # weights stored transposed: BLAS reads them as a non-transposed operand
     pad_to: dict[int, int] = field(default_factory=dict)  # row count -> row count to run it as
     packed: bool = False  # weights reordered once into oneDNN's blocked layout (bf16 on CPU), no padding
+    int8_rows: int = 0  # row counts up to this run on the matrix's int8 copy (the LM head under int8_weights)
 
     def to_dict(self) -> dict:
-        return {"col_major": self.col_major, "packed": self.packed,
+        return {"col_major": self.col_major, "packed": self.packed, "int8_rows": self.int8_rows,
                 "pad_to": {str(k): v for k, v in sorted(self.pad_to.items())}}
 
 
@@ -93,14 +94,15 @@ def choose(row_major: dict[int, float], col: dict[int, float], margin: float = 0
 
 
 @torch.inference_mode()
-def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, rounds: int = 3, mm=F.linear) -> dict[int, float]:
-    """Seconds per pass of `linear(x, w)` over every weight in `weights`, for 1..max_rows rows: the
-    fastest of `rounds`. Pass more weight than the caches hold: the slow paths show only when the
-    weights come from memory, as in a decode step."""
+def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, rounds: int = 3, mm=F.linear,
+            dtype: torch.dtype | None = None) -> dict[int, float]:
+    """Seconds per pass of `mm(x, w)` over every weight in `weights`, for 1..max_rows rows of `dtype`
+    (default: the weights'): the fastest of `rounds`. Pass more weight than the caches hold: the slow
+    paths show only when the weights come from memory, as in a decode step."""
     best = {m: float("inf") for m in range(1, max_rows + 1)}
     for _ in range(rounds):
         for m in best:
-            xs = {k: torch.randn(m, k, dtype=weights[0].dtype, device=weights[0].device)
+            xs = {k: torch.randn(m, k, dtype=dtype or weights[0].dtype, device=weights[0].device)
                   for k in {w.shape[1] for w in weights}}
             t0 = time.perf_counter()
             for w in weights:
@@ -121,6 +123,18 @@ def plan(weights: list[torch.Tensor], may_pack: bool = True, margin: float = 0.9
         if all(packed[m] < margin * chosen[m] for m in chosen):
             return MatmulPlan(packed=True)
     return dense
+
+
+def choose_int8_rows(int8: dict[int, float], dense: dict[int, float], margin: float = 0.9) -> int:
+    """The largest row count up to which the int8 copy beats the dense plan (`padded_times`) at every
+    count: torch's int8-weight kernel reads half of bf16's bytes, but on the CPUs we measured its
+    time grows with the rows from about 4 on, where oneDNN's bf16 stays near one weight read."""
+    rows = 0
+    for m in sorted(int8):
+        if int8[m] >= margin * dense[m]:
+            break
+        rows = m
+    return rows
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, pad_to: dict[int, int]) -> torch.Tensor:
@@ -153,13 +167,13 @@ class Int8Linear(nn.Module):
     the input keeps its dtype (bf16) and torch's int8-weight kernel scales as it reads, so a decode
     step reads half the bytes of bf16 weights. Plans leave it alone: it has its own kernel."""
 
-    def __init__(self, base: nn.Module):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
         super().__init__()
-        w = base.weight.detach().float()
+        w = weight.detach().float()
         scale = w.abs().amax(1).clamp(min=1e-12) / 127
         self.weight = nn.Parameter(torch.round(w / scale[:, None]).to(torch.int8), requires_grad=False)
-        self.scale = nn.Parameter(scale.to(base.weight.dtype), requires_grad=False)
-        self.bias = base.bias
+        self.scale = nn.Parameter(scale.to(weight.dtype), requires_grad=False)
+        self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
@@ -171,7 +185,7 @@ def quantize_int8(module: nn.Module) -> None:
     """Every linear layer inside `module` becomes an Int8Linear."""
     for name, child in module.named_children():
         if type(child) is nn.Linear or isinstance(child, PlannedLinear):
-            setattr(module, name, Int8Linear(child))
+            setattr(module, name, Int8Linear(child.weight, child.bias))
         else:
             quantize_int8(child)
 

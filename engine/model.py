@@ -98,6 +98,9 @@ class EEModel(nn.Module):
         self.norm = self._materialise(skeleton.model.norm, {"weight": base["norm.weight"]})
         self.lm_head_weight = (self.embed.weight if "lm_head.weight" not in base
                                else base["lm_head.weight"].to(self.device, dtype))
+        # int8 copy of the LM head for the row counts where it is faster (head_plan.int8_rows); the
+        # dense one stays: the embedding and the exit vocabulary gather rows from it
+        self.head_int8 = matmul_plan.Int8Linear(self.lm_head_weight) if int8_weights else None
         self.rotary = type(skeleton.model.rotary_emb)(config).to(self.device)
         self._rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * store.num_layers)
@@ -108,7 +111,8 @@ class EEModel(nn.Module):
         self.sandwich_norms = hasattr(skeleton.model.layers[0], "pre_feedforward_layernorm")
         self.kv: KVCache | None = None
         # weight layout and small-row padding of the layers' and the LM head's matmuls (engine.matmul_plan)
-        self.layer_plan, self.head_plan = MatmulPlan(), MatmulPlan()
+        self.layer_plan = MatmulPlan()
+        self.head_plan = MatmulPlan(int8_rows=matmul_plan.MAX_ROWS if int8_weights else 0)
         self.set_depth(depth)
 
     # ---- loading -------------------------------------------------------------------------
@@ -148,7 +152,8 @@ class EEModel(nn.Module):
         def size(mod):
             return sum(p.numel() * p.element_size() for p in mod.parameters())
         layers = [size(layer) for layer in self.layers]
-        return {"base": size(self.embed) + size(self.norm), "layers": sum(layers),
+        base = size(self.embed) + size(self.norm) + (size(self.head_int8) if self.head_int8 else 0)
+        return {"base": base, "layers": sum(layers),
                 "per_layer": layers[0] if layers else 0}
 
     # ---- forward pieces ------------------------------------------------------------------
@@ -250,7 +255,16 @@ class EEModel(nn.Module):
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [..., hidden] -> [..., vocab]."""
-        return matmul_plan.linear(self.norm(h), self.lm_head_weight, None, self.head_plan.pad_to)
+        x = self.norm(h)
+        if self.head_int8 is not None and x.numel() // x.shape[-1] <= self.head_plan.int8_rows:
+            return self.head_int8(x)
+        return matmul_plan.linear(x, self.lm_head_weight, None, self.head_plan.pad_to)
+
+    def head_bytes(self, rows: int) -> int:
+        """What the LM head reads for `rows` rows: its int8 copy or the dense weight."""
+        if self.head_int8 is not None and rows <= self.head_plan.int8_rows:
+            return sum(p.numel() * p.element_size() for p in self.head_int8.parameters())
+        return self.lm_head_weight.numel() * self.lm_head_weight.element_size()
 
     def vocab_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """Final norm and the LM head's `rows` only ([V, hidden], an exit vocabulary): [..., V]."""
@@ -268,7 +282,15 @@ class EEModel(nn.Module):
         head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
         # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays dense
         layers = matmul_plan.plan(sample) if sample else self.layer_plan  # int8 layers have their own kernel
-        self.set_matmul_plans(layers, matmul_plan.plan([head], may_pack=False))
+        head_plan = matmul_plan.plan([head], may_pack=False)
+        if self.head_int8 is not None:
+            q = self.head_int8
+            n = head.shape[0]
+            int8 = matmul_plan.measure([q.weight[:n]], dtype=head.dtype,
+                                       mm=lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w, q.scale[:n]))
+            dense = matmul_plan.measure([matmul_plan.col_major(head) if head_plan.col_major else head])
+            head_plan.int8_rows = matmul_plan.choose_int8_rows(int8, matmul_plan.padded_times(dense))
+        self.set_matmul_plans(layers, head_plan)
 
     def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
         self.layer_plan, self.head_plan = layers, head

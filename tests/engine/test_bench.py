@@ -83,7 +83,7 @@ def test_weights_benchmark_judges_each_format_against_fp32(smollm2, tmp_path):
     fp32, int8 = by["fp32, full depth"], by["int8, full depth"]
     assert fp32["agree_tf"] == fp32["agree_pos"] == 1.0  # the engine's fp32 is transformers' fp32
     assert 0.5 <= int8["agree_tf"] <= 1.0 and int8["step_x_fp32"] > 0
-    # int8 layers and a bf16 head read well under half of fp32's bytes, and the floor follows them
+    # int8 layers and head read well under half of fp32's bytes, and the floor follows them
     assert int8["weights_MiB"] < 0.4 * fp32["weights_MiB"]
     assert abs(int8["floor_ms"] / fp32["floor_ms"] - int8["weights_MiB"] / fp32["weights_MiB"]) < 1e-6
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "w.md").read_text()

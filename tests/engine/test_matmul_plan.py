@@ -17,6 +17,14 @@ def test_padding_only_where_a_larger_count_beats_the_margin():
     assert matmul_plan.choose_padding({1: 10.0, 2: 10.0, 3: 9.0}) == {}  # within the margin: noise
 
 
+def test_int8_head_takes_the_row_counts_up_to_its_first_loss():
+    dense = {m: 10.0 for m in range(1, 9)}
+    int8 = {1: 4.0, 2: 4.0, 3: 5.0, 4: 8.0, 5: 9.5, 6: 6.0, 7: 12.0, 8: 16.0}  # a win at 6 after a loss
+    assert matmul_plan.choose_int8_rows(int8, dense) == 4
+    assert matmul_plan.choose_int8_rows({m: 20.0 for m in dense}, dense) == 0
+    assert matmul_plan.choose_int8_rows({m: 1.0 for m in dense}, dense) == 8
+
+
 def test_layout_is_the_one_whose_worst_row_count_loses_least():
     # an LM head measured there: column-major halves 1-3 rows and costs ~15% at 8
     row = {1: 9.5, 2: 22.6, 3: 34.0, 4: 17.0, 5: 17.0, 6: 22.0, 7: 34.0, 8: 16.0}
@@ -104,7 +112,7 @@ def test_int8_weights_dequantise_to_the_weights_and_halve_the_layer_bytes(smollm
     from torch import nn
 
     base = nn.Linear(576, 64).bfloat16()
-    q = matmul_plan.Int8Linear(base)
+    q = matmul_plan.Int8Linear(base.weight, base.bias)
     dequant = q.weight.float() * q.scale.float()[:, None]
     # half a step of rounding, plus up to half a step from the scale itself being stored in bf16
     assert bool(((dequant - base.weight.float()).abs().amax(1) <= q.scale.float() * 1.01).all())
@@ -119,6 +127,16 @@ def test_int8_weights_dequantise_to_the_weights_and_halve_the_layer_bytes(smollm
     assert bool((cos > 0.98).all()), cos
     [r] = int8.generate(PROMPTS[:1], SamplingParams(max_tokens=8, ignore_eos=True))
     assert len(r.token_ids) == 8
+    # the LM head: its int8 copy up to the plan's row count, the dense bf16 weight above it
+    head, h = int8.model, torch.randn(2, 576).bfloat16()
+    assert head.head_int8 is not None and bf16.model.head_int8 is None
+    head.head_plan.int8_rows = 2
+    assert torch.equal(head.logits(h), head.head_int8(head.norm(h)))
+    vocab, hidden = head.lm_head_weight.shape
+    assert (head.head_bytes(2), head.head_bytes(3)) == (vocab * hidden + 2 * vocab, 2 * vocab * hidden)  # bf16 scales
+    head.head_plan.int8_rows = 1
+    torch.testing.assert_close(head.logits(h), F.linear(head.norm(h), head.lm_head_weight))
+    assert int8.memory_bytes()["base"] > bf16.memory_bytes()["base"]  # the int8 copy is counted
     int8.load_layers(int8.depth - 2)  # layers loaded later are int8 too
     int8.load_layers(int8.depth + 2)
     assert isinstance(int8.model.layers[-1].mlp.up_proj, matmul_plan.Int8Linear)
