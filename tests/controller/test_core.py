@@ -91,7 +91,9 @@ def test_the_benchmark_router_carries_out_the_cores_decisions():
     assert greedy.loads == [20] and full.loads == []  # greedy loading only where asked
     assert [d["action"] for d in router.decisions] == ["load_layers", "select"]
     assert router.core.current == "m@greedy"  # nothing measured, calibrated quality alike: the first
+    assert router.core.schedule.pending == 2  # what bench.helios.start_up serves before the clock starts
     assert [router.route(None) for _ in range(2)] == ["m@full", "m@greedy"]  # the profiling round
+    assert router.core.schedule.pending == 0
     router.observe("m@full", _exits(10, 0), 10, 1.0)  # 10 tok/s
     router.observe("m@greedy", _exits(10, 0), 20, 0.2)  # 50 tok/s: selected again, now on measurements
     assert router.decisions[-1]["action"] == "select" and "kept" in router.decisions[-1]["reason"]
