@@ -126,9 +126,9 @@ def plan(weights: list[torch.Tensor], may_pack: bool = True, margin: float = 0.9
 
 
 def choose_int8_rows(int8: dict[int, float], dense: dict[int, float], margin: float = 0.9) -> int:
-    """The largest row count up to which the int8 copy beats the dense plan (`padded_times`) at every
-    count: torch's int8-weight kernel reads half of bf16's bytes, but on the CPUs we measured its
-    time grows with the rows from about 4 on, where oneDNN's bf16 stays near one weight read."""
+    """The largest row count up to which the int8 copy beats the dense plan (padded) at every count:
+    torch's int8-weight kernel reads half of bf16's bytes, but on the CPUs we measured its time grows
+    with the rows from about 4 on, where oneDNN's bf16 stays near one weight read."""
     rows = 0
     for m in sorted(int8):
         if int8[m] >= margin * dense[m]:
@@ -179,6 +179,16 @@ class Int8Linear(nn.Module):
         y = torch.ops.aten._weight_int8pack_mm(x.reshape(-1, x.shape[-1]), self.weight, self.scale)
         y = y.reshape(*x.shape[:-1], self.weight.shape[0])
         return y if self.bias is None else y + self.bias
+
+
+def plan_int8_rows(q: Int8Linear, dense: torch.Tensor, dense_plan: MatmulPlan) -> int:
+    """`choose_int8_rows` for `q`, an int8 copy of a weight whose first rows are `dense`, measured on
+    those rows in both forms (the dense one in `dense_plan`'s layout and padding)."""
+    n = dense.shape[0]
+    int8 = measure([q.weight[:n]], dtype=dense.dtype,
+                   mm=lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w, q.scale[:n]))
+    times = measure([col_major(dense) if dense_plan.col_major else dense])
+    return choose_int8_rows(int8, {m: times[dense_plan.pad_to.get(m, m)] for m in times})
 
 
 def quantize_int8(module: nn.Module) -> None:

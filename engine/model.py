@@ -284,12 +284,7 @@ class EEModel(nn.Module):
         layers = matmul_plan.plan(sample) if sample else self.layer_plan  # int8 layers have their own kernel
         head_plan = matmul_plan.plan([head], may_pack=False)
         if self.head_int8 is not None:
-            q = self.head_int8
-            n = head.shape[0]
-            int8 = matmul_plan.measure([q.weight[:n]], dtype=head.dtype,
-                                       mm=lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w, q.scale[:n]))
-            dense = matmul_plan.measure([matmul_plan.col_major(head) if head_plan.col_major else head])
-            head_plan.int8_rows = matmul_plan.choose_int8_rows(int8, matmul_plan.padded_times(dense))
+            head_plan.int8_rows = matmul_plan.plan_int8_rows(self.head_int8, head, head_plan)
         self.set_matmul_plans(layers, head_plan)
 
     def set_matmul_plans(self, layers: MatmulPlan, head: MatmulPlan) -> None:
