@@ -29,7 +29,8 @@ def _calibrate(args) -> int:
     from engine.calibrate import CalibrationConfig, calibrate
 
     cfg = CalibrationConfig(model=args.model, head_type=args.head, num_prompts=args.prompts, domains=args.domains,
-                            rounds=args.rounds, max_new_tokens=args.new_tokens, steps=args.steps, target=args.target,
+                            rounds=args.rounds, max_new_tokens=args.new_tokens, samples=args.samples,
+                            steps=args.steps, target=args.target,
                             text_file=args.text, device=args.device,
                             **({} if args.vocab_size is None else {"vocab_size": args.vocab_size}))
     report = calibrate(cfg)
@@ -136,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="calibration prompt sets: HumanEval 64..163, and the chat questions in engine/prompts")
     c.add_argument("--rounds", type=int, default=2, choices=[1, 2], help="2 adds the on-policy round")
     c.add_argument("--new-tokens", type=int, default=96)
+    c.add_argument("--samples", type=int, default=1, help="replies per prompt: the greedy one, the rest sampled "
+                   "(temperature 0.8): more distinct contexts for the heads")
     c.add_argument("--steps", type=int, default=300, help="KL tuning steps for the heads")
     c.add_argument("--target", type=float, default=0.95, help="agreement with the full model to keep, per domain")
     c.add_argument("--vocab-size", type=int, default=None,

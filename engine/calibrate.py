@@ -46,6 +46,9 @@ class CalibrationConfig(BaseModel):
     num_prompts: int = Field(64, ge=2, description="Prompts per domain to generate training text from.")
     rounds: int = Field(2, ge=1, le=2, description="2 adds the on-policy round (text written with exits on).")
     max_new_tokens: int = Field(64, ge=2, description="Tokens generated per prompt.")
+    samples: int = Field(1, ge=1, le=8, description="Replies per prompt: the greedy one and samples-1 sampled at "
+                         "`sample_temperature` (top-p 0.95): more distinct contexts than the prompt sets hold.")
+    sample_temperature: float = Field(0.8, gt=0.0, le=2.0, description="Temperature of the sampled replies.")
     steps: int = Field(200, ge=0, description="KL tuning steps for the heads.")
     predictor_steps: int = Field(400, ge=1, description="Training steps for the agreement predictors.")
     target: float = Field(0.95, gt=0.5, lt=1.0, description="Agreement with the full model to keep.")
@@ -100,11 +103,15 @@ def load_prompts(cfg: CalibrationConfig, tokenizer) -> tuple[list[str], list[str
 
 @torch.inference_mode()
 def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], layers: list[int],
-            batch_size: int, domain: list[int], on_policy: bool = False) -> Features:
-    """Hidden states at exit layers for every position; prompt positions are distillation data too."""
+            batch_size: int, domain: list[int], on_policy: bool = False,
+            prompt_of: list[int] | None = None) -> Features:
+    """Hidden states at exit layers for every position; prompt positions are distillation data too.
+    `prompt_of`: each sequence's prompt (default: its own), the group splits keep together; a
+    prompt's own positions are recorded once, with its first reply."""
     model = engine.model
+    prompt_of = prompt_of or list(range(len(sequences)))
     hidden = {l: [] for l in layers}
-    finals, groups, generated = [], [], []
+    finals, groups, generated, seen = [], [], [], set()
     for start in tqdm(range(0, len(sequences), batch_size), desc="recording hidden states"):
         batch = sequences[start:start + batch_size]
         toks = [p + o[:-1] for p, o in batch]
@@ -115,8 +122,10 @@ def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], lay
         mask = torch.zeros(len(batch), t, dtype=torch.bool)
         gen = torch.zeros(len(batch), t, dtype=torch.bool)
         for r, (p, o) in enumerate(batch):
-            mask[r, : len(p) - 1 + len(o)] = True
+            g = prompt_of[start + r]
+            mask[r, 0 if g not in seen else len(p) - 1: len(p) - 1 + len(o)] = True
             gen[r, len(p) - 1: len(p) - 1 + len(o)] = True
+            seen.add(g)
         h = model.embed_tokens(ids)
         if 0 in hidden:
             hidden[0].append(h[mask].float().cpu())
@@ -125,7 +134,7 @@ def collect(engine: LLMEngine, sequences: list[tuple[list[int], list[int]]], lay
             if i + 1 in hidden:
                 hidden[i + 1].append(h[mask].float().cpu())
         finals.append(h[mask].float().cpu())
-        groups.append(torch.cat([torch.full((len(p) - 1 + len(o),), start + r) for r, (p, o) in enumerate(batch)]))
+        groups.append(torch.cat([torch.full((int(mask[r].sum()),), prompt_of[start + r]) for r in range(len(batch))]))
         generated.append(gen[mask])
     groups = torch.cat(groups)
     return Features({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), groups, torch.cat(generated),
@@ -290,11 +299,16 @@ def split_by_prompt(feats: Features, prompt_domain: list[int], holdout: float, s
             "predictors": shuffled(~in_held & ~in_heads & ~in_val), "held": (in_held & served).nonzero().squeeze(1)}
 
 
-def _write_text(engine: LLMEngine, ids: list[list[int]], cfg: CalibrationConfig, bank: ExitBank | None):
-    """Each prompt's greedy continuation: at full depth, or served through `bank`'s exits."""
+def _write_text(engine: LLMEngine, ids: list[list[int]], cfg: CalibrationConfig, bank: ExitBank | None,
+                seed: int | None = None):
+    """Each prompt's continuation, greedy (or sampled from `seed` on, one seed per prompt): at full
+    depth, or served through `bank`'s exits."""
+    params = SamplingParams(max_tokens=cfg.max_new_tokens) if seed is None else [
+        SamplingParams(max_tokens=cfg.max_new_tokens, temperature=cfg.sample_temperature, top_p=0.95, seed=seed + i)
+        for i in range(len(ids))]
     engine.use_exits(bank)
     try:
-        results = engine.generate(ids, SamplingParams(max_tokens=cfg.max_new_tokens), progress=True)
+        results = engine.generate(ids, params, progress=True)
     finally:
         engine.use_exits(None)
     return [(p, r.token_ids) for p, r in zip(ids, results)]
@@ -324,7 +338,9 @@ def calibrate(cfg: CalibrationConfig) -> CalibrationReport:
         raise ValueError(f"exit layers must lie in 1..{num_layers - 1}")
     ids = [engine.tokenizer(p)["input_ids"][-(4096 - cfg.max_new_tokens):] for p in prompts]
     text = _write_text(engine, ids, cfg, None)
-    feats = collect(engine, text, [0] + layers, 8, prompt_domain)
+    for k in range(1, cfg.samples):
+        text += _write_text(engine, ids, cfg, None, seed=cfg.seed + k * len(ids))
+    feats = collect(engine, text, [0] + layers, 8, prompt_domain, prompt_of=[i % len(ids) for i in range(len(text))])
     lm = _lm(engine)
     _label(feats, lm)
 

@@ -36,6 +36,25 @@ def test_calibration_writes_heads_thresholds_and_report(smollm2_calibrated):
         assert depth == sorted(depth)  # a higher threshold never exits earlier
 
 
+def test_sampled_replies_add_contexts_under_their_prompt(smollm2):
+    from engine.calibrate import CalibrationConfig, _write_text, collect
+
+    engine = _engine(smollm2, exits=False)
+    ids = [engine.tokenizer(p)["input_ids"] for p in PROMPTS[:2]]
+    cfg = CalibrationConfig(max_new_tokens=12, sample_temperature=1.5)
+    greedy = _write_text(engine, ids, cfg, None)
+    sampled = _write_text(engine, ids, cfg, None, seed=7)
+    assert sampled == _write_text(engine, ids, cfg, None, seed=7) != greedy  # seeded: the same text again
+    text = greedy + sampled
+    feats = collect(engine, text, [0, 4], 4, [0, 1], prompt_of=[0, 1, 0, 1])
+    # each prompt's own positions once, each reply's positions under its prompt and domain
+    for g in (0, 1):
+        (p, a), (_, b) = text[g], text[g + 2]
+        assert int((feats.group == g).sum()) == len(p) - 1 + len(a) + len(b)
+        assert int(feats.generated[feats.group == g].sum()) == len(a) + len(b)
+        assert bool((feats.domain[feats.group == g] == g).all())
+
+
 def test_a_store_without_calibration_serves_the_shipped_exits(smollm2, tmp_path):
     engine = _engine(SimpleNamespace(home=shipped_only(smollm2.home, tmp_path)))
     assert engine.exits is not None and engine.exits.meta["model"] == "smollm2"
