@@ -188,6 +188,7 @@ def build_report(engine, bank, scores, conf, feats, held, domains, cfg, losses) 
         "depth_for_90pct_exits": depth_for_share(sim["exit_share_by_layer"], 0.9),
         "check_cost": cost, "final_kl": losses[-1] if losses else None,
         "prompts_per_domain": cfg.num_prompts, "new_tokens": cfg.max_new_tokens, "steps": cfg.steps,
+        "replies_per_prompt": cfg.samples,
     }
     return CalibrationReport(summary, per_layer, frontier)
 
