@@ -65,6 +65,10 @@ class BatchCtx:
                        write_at=write_at), active
 
 
+def _param_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
 def _rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -149,10 +153,8 @@ class EEModel(nn.Module):
         return len(self.layers)
 
     def weight_bytes(self) -> dict[str, int]:
-        def size(mod):
-            return sum(p.numel() * p.element_size() for p in mod.parameters())
-        layers = [size(layer) for layer in self.layers]
-        base = size(self.embed) + size(self.norm) + (size(self.head_int8) if self.head_int8 else 0)
+        layers = [_param_bytes(layer) for layer in self.layers]
+        base = sum(_param_bytes(m) for m in (self.embed, self.norm, self.head_int8) if m is not None)
         return {"base": base, "layers": sum(layers),
                 "per_layer": layers[0] if layers else 0}
 
@@ -256,14 +258,18 @@ class EEModel(nn.Module):
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         """Final norm and LM head: [..., hidden] -> [..., vocab]."""
         x = self.norm(h)
-        if self.head_int8 is not None and x.numel() // x.shape[-1] <= self.head_plan.int8_rows:
+        if self._int8_head(x.numel() // x.shape[-1]):
             return self.head_int8(x)
         return matmul_plan.linear(x, self.lm_head_weight, None, self.head_plan.pad_to)
 
+    def _int8_head(self, rows: int) -> bool:
+        """Whether `rows` rows go through the LM head's int8 copy (the plan's row counts)."""
+        return self.head_int8 is not None and rows <= self.head_plan.int8_rows
+
     def head_bytes(self, rows: int) -> int:
         """What the LM head reads for `rows` rows: its int8 copy or the dense weight."""
-        if self.head_int8 is not None and rows <= self.head_plan.int8_rows:
-            return sum(p.numel() * p.element_size() for p in self.head_int8.parameters())
+        if self._int8_head(rows):
+            return _param_bytes(self.head_int8)
         return self.lm_head_weight.numel() * self.lm_head_weight.element_size()
 
     def vocab_logits(self, h: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
