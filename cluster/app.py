@@ -35,7 +35,7 @@ def build_app(args: dict | ClusterConfig | None = None) -> serve.Application:
                                     max_queued_requests=c.max_queued_requests,
                                     ray_actor_options=_actor_options(c),
                                     **({"autoscaling_config": c.autoscaling_config} if c.autoscaling_config
-                                       else {"num_replicas": c.num_replicas})).bind(
+                                       else {"num_replicas": c.replicas()})).bind(
             c, telemetry, verifiers.get(c.engine.model) if c.shadow_rate > 0 else None)
         for c in cfg.candidates
     }

@@ -74,8 +74,18 @@ def _pod(container: dict) -> dict:
     return {"containers": [container], "volumes": [{"name": v, "emptyDir": {}} for v in WRITABLE]}
 
 
+def one_replica_each(cfg: ClusterConfig) -> ClusterConfig:
+    """`num_replicas: auto` counts the CPUs where the app is built: under KubeRay that is the head,
+    not the workers the replicas run on, so each candidate starts as one replica there (set
+    `autoscaling_config` for more)."""
+    return cfg.model_copy(update={"candidates": [
+        c.model_copy(update={"num_replicas": 1}) if c.num_replicas == "auto" else c for c in cfg.candidates]},
+        deep=True)
+
+
 def rayservice(cfg: ClusterConfig, gpu: bool) -> dict:
     """Head without GPUs (gateway, controller, Serve), workers holding the candidates."""
+    cfg = one_replica_each(cfg)
     head_ports = [{"containerPort": 6379, "name": "gcs-server"}, {"containerPort": 8265, "name": "dashboard"},
                   {"containerPort": 10001, "name": "client"}, {"containerPort": cfg.port, "name": "serve"},
                   {"containerPort": cfg.metrics_port, "name": "metrics"}]

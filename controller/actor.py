@@ -37,6 +37,20 @@ def depth_field(candidate: str) -> str:
     return f"depth:{candidate}"
 
 
+def thresholds_field(candidate: str) -> str:
+    """Field of STATE holding the exit thresholds (JSON) the controller last served `candidate`."""
+    return f"thresholds:{candidate}"
+
+
+def setpoints(client: redis.Redis, candidate: str) -> tuple[int | None, dict[int, float] | None]:
+    """The depth and exit thresholds the controller last set for `candidate` (None: never set).
+    Every replica of the candidate follows them: the controller's own call reaches one replica (a
+    Serve handle picks one), and a replica that replaces a dead one starts from them."""
+    depth, thresholds = client.hmget(STATE, [depth_field(candidate), thresholds_field(candidate)])
+    return (int(depth) if depth is not None else None,
+            {int(l): float(t) for l, t in json.loads(thresholds).items()} if thresholds is not None else None)
+
+
 @dataclass(frozen=True, slots=True)
 class ControllerSpec:
     """What the controller actor is started with: its settings, where telemetry lives, and the Serve
@@ -147,7 +161,7 @@ class HeliosController:
         unknown = set(map(int, thresholds)) - set(tuner.thresholds)
         if unknown:
             raise ValueError(f"{candidate} has no exit point at layers {sorted(unknown)}")
-        served = await self.handles[candidate].set_thresholds.remote({int(l): float(t) for l, t in thresholds.items()})
+        served = await self._serve_thresholds(candidate, {int(l): float(t) for l, t in thresholds.items()})
         tuner.reset(served, self.reader.shadow_by_layer(candidate))
         self._log(P.Decision(P.Action.SET_THRESHOLDS, candidate, self.profiles[candidate].depth,
                              "operator set exit thresholds", {"thresholds": served}))
@@ -220,12 +234,18 @@ class HeliosController:
         changes = self.tuners[name].observe(self.reader.shadow_by_layer(name))
         if not changes:
             return
-        served = await self.handles[name].set_thresholds.remote({c.layer: c.new for c in changes})
+        served = await self._serve_thresholds(name, {c.layer: c.new for c in changes})
         self._log(P.Decision(P.Action.SET_THRESHOLDS, name, self.profiles[name].depth, "; ".join(c.reason for c in changes),
                              {"changes": [asdict(c) for c in changes], "floor": self.cfg.thresholds.floor,
                               "thresholds": served}))
 
     # ---- helpers ---------------------------------------------------------------------------------
+    async def _serve_thresholds(self, name: str, thresholds: dict[int, float]) -> dict[int, float]:
+        """One replica at once, the others from STATE within a telemetry flush."""
+        served = await self.handles[name].set_thresholds.remote(thresholds)
+        self.redis.hset(STATE, thresholds_field(name), json.dumps(served))
+        return served
+
     def _totals(self, name: str) -> tuple[int, int]:
         t = self.reader.totals(name)
         return t.tokens, t.breaches

@@ -56,3 +56,4 @@ class ServerStats:
     thresholds: dict[int, float]
     threads: int  # torch threads
     niceness: int
+    replica: str | None = None  # Serve's replica id: which of the candidate's replicas answered

@@ -15,6 +15,7 @@ import logging
 import os
 import time
 from collections.abc import Callable
+from typing import Annotated, Literal
 from dataclasses import asdict
 
 import ray
@@ -22,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from controller.actor import STATE, depth_field
+from controller.actor import setpoints
 from deployments.contracts import Chunk, GenerateRequest, ServerStats
 from deployments.engine_loop import EngineLoop
 from deployments.shadow import ShadowSampler
@@ -45,7 +46,12 @@ class CandidateConfig(BaseModel):
 
     name: str = Field(description="Candidate name; the OpenAI `model` field that pins it.")
     engine: EngineConfig = Field(default_factory=EngineConfig)
-    num_replicas: int = Field(1, ge=1, description="Fixed replica count (ignored under autoscaling_config).")
+    num_replicas: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        "auto", description="Replica count (ignored under autoscaling_config). 'auto': on CPU, as many as the "
+        "CPUs seen where the app is built give the engine's threads (usable CPUs // threads): two "
+        "single-thread replicas on 2 cores, where one engine on both cores waits at every step for "
+        "whichever core another process took (1.4x the tokens at 64 clients); one replica wherever the "
+        "engine gets more than half the CPUs, and on a GPU. A `memory_budget` share is split among them.", union_mode="left_to_right")
     autoscaling_config: dict | None = Field(None, description="Serve's autoscaling_config for this candidate "
                                             "(min_replicas, max_replicas, target_ongoing_requests, ...).")
     max_ongoing_requests: int | None = Field(None, ge=1, description="Requests a replica holds at once; default "
@@ -68,13 +74,34 @@ class CandidateConfig(BaseModel):
 
     def engine_config(self) -> EngineConfig:
         """The engine's config, its thread count set where the user left it unset."""
-        if self.engine.threads is not None:
-            return self.engine
-        return self.engine.model_copy(update={"threads": max(1, usable_cpus() - self.reserved_cpus)})
+        update = {}
+        if self.engine.threads is None:
+            update["threads"] = self._threads()
+        budget, replicas = self.engine.memory_budget, self.replicas()
+        if self.num_replicas == "auto" and budget is not None and budget <= 1 and replicas > 1:
+            update["memory_budget"] = budget / replicas  # replicas placed by CPU count share the node's memory
+        return self.engine.model_copy(update=update) if update else self.engine
+
+    def _threads(self) -> int:
+        return self.engine.threads or max(1, usable_cpus() - self.reserved_cpus)
+
+    def replicas(self) -> int:
+        if self.num_replicas != "auto":
+            return self.num_replicas
+        if self.num_gpus > 0 or self.engine.device != "cpu":
+            return 1
+        return max(1, usable_cpus() // self._threads())
 
     @property
     def ongoing_limit(self) -> int:
         return self.max_ongoing_requests or 2 * self.engine.max_batch_size
+
+
+def _replica_id() -> str | None:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # noqa: BLE001 - outside Serve (fast tests)
+        return None
 
 
 @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -95,11 +122,16 @@ class ModelServer:
         # event loop nor the step thread: each has its own thread
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tok")
         self._flush_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-flush")
-        self._restore_depth()
+        self._follow(*self._setpoints())  # a replica that replaces a dead one starts where the controller left it
         self._queues: dict[str, asyncio.Queue] = {}  # request -> its stream's outputs
         self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
         self._flush_task: asyncio.Task | None = None
         self._served = 0
+        try:  # Serve builds a replica on its event loop: follow the controller before any request
+            asyncio.get_running_loop()
+        except RuntimeError:  # built outside one (fast tests): the first request starts it
+            return
+        self._start()
 
     # ---- requests ----------------------------------------------------------------------------
     async def generate(self, request: GenerateRequest):
@@ -176,16 +208,28 @@ class ModelServer:
         self._start()
         return await self.loop.between_steps(move)
 
-    def _restore_depth(self) -> None:
-        """A replica that replaces a dead one comes back at the depth the controller last set."""
+    # ---- following the controller -----------------------------------------------------------------
+    # The controller's calls reach one replica of the candidate; every replica also reads the depth and
+    # thresholds it set from Redis at start and after each telemetry flush, and serves them.
+    def _setpoints(self) -> tuple[int | None, dict[int, float] | None]:
         try:
-            saved = self.writer.redis.hget(STATE, depth_field(self.name))
-        except Exception as e:  # noqa: BLE001 - no Redis: serve at the configured depth
-            log.warning("%s: could not read the controller's depth (%s); serving the configured depth", self.name, e)
-            return
-        depth = int(saved) if saved is not None else self.engine.depth
-        if 1 <= depth <= self.engine.num_layers and depth != self.engine.depth:
+            return setpoints(self.writer.redis, self.name)
+        except Exception as e:  # noqa: BLE001 - no Redis, or a bad entry: serve as now
+            log.warning("%s: could not read the controller's setpoints (%s); serving as now", self.name, e)
+            return None, None
+
+    def _differs(self, depth: int | None, thresholds: dict[int, float] | None) -> bool:
+        if depth is not None and 1 <= depth <= self.engine.num_layers and depth != self.engine.depth:
+            return True
+        now = self._thresholds()
+        return bool(thresholds) and any(l in now and now[l] != t for l, t in thresholds.items())
+
+    def _follow(self, depth: int | None, thresholds: dict[int, float] | None) -> None:
+        """On the step thread (or before it starts): serve the controller's setpoints."""
+        if depth is not None and 1 <= depth <= self.engine.num_layers and depth != self.engine.depth:
             self.engine.load_layers(depth)
+        if thresholds and self.engine.exits is not None:
+            self.engine.exits.set_thresholds(thresholds)
 
     def _thresholds(self) -> dict[int, float]:
         return self.engine.exits.thresholds() if self.engine.exits is not None else {}
@@ -197,7 +241,8 @@ class ModelServer:
                            self.engine.depth, self.engine.num_layers, running, waiting, self._served,
                            self.engine.memory_bytes(), bool(self.engine.tokenizer.chat_template),
                            self.engine.config.exit_policy, asdict(self.engine.stats),
-                           exits.meta if exits else None, self._thresholds(), torch.get_num_threads(), os.nice(0))
+                           exits.meta if exits else None, self._thresholds(), torch.get_num_threads(), os.nice(0),
+                           _replica_id())
 
     def check_health(self) -> None:
         if not self.loop.alive():
@@ -215,6 +260,12 @@ class ModelServer:
         while True:
             await asyncio.sleep(self.flush_every)
             await loop.run_in_executor(self._flush_pool, self.writer.flush)  # a failed flush keeps its data
+            points = await loop.run_in_executor(self._flush_pool, self._setpoints)
+            if self._differs(*points):
+                try:
+                    await self.loop.between_steps(lambda: self._follow(*points))
+                except Exception:  # noqa: BLE001 - e.g. no memory for the deeper layers: serve as now
+                    log.exception("%s: could not follow the controller's setpoints %s", self.name, points)
 
     def _observe_latency(self, rid: str, now: float) -> None:
         timing = self._timing.get(rid)

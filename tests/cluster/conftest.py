@@ -49,12 +49,14 @@ def cluster(smollm2_calibrated, redis_url, tmp_path_factory):
             # no exit heads at 8 of 30 layers: every token is a greedy exit, so this one breaches;
             # and no chat template, so chat must avoid it
             # and it admits 2 requests with 2 queued, so a burst meets back-pressure
+            # (one replica each: these tests count a replica's slots and kill "the" replica;
+            # test_replicas runs several)
             {"name": "shallow", "engine": {"model": "smollm2", "depth": 8, "exits": False, "home": base_home},
-             "shadow_rate": 1.0, "max_ongoing_requests": 2, "max_queued_requests": 2},
+             "shadow_rate": 1.0, "max_ongoing_requests": 2, "max_queued_requests": 2, "num_replicas": 1},
             # a memory budget of 8 full-depth sequences: a shallower stack holds more (up to 16)
             {"name": "smollm2", "engine": {"model": "smollm2", "home": home, "max_batch_size": 16,
                                            "memory_budget": memory.weights(30) + 8 * memory.per_sequence(30)},
-             "shadow_rate": 1.0},
+             "shadow_rate": 1.0, "num_replicas": 1},
         ],
         "controller": {"quality_floor": 0.0, "breach_window": 30, "breach_max": 10, "profile_sample": 1,
                        "tick_s": 0.5, "thresholds": {"min_checks": 8}},

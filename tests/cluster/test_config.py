@@ -46,3 +46,30 @@ def test_the_exit_policy_once_called_greedy_is_read_under_its_name():
     assert EngineConfig(exit_policy="greedy").exit_policy == "ride_along"
     with pytest.raises(ValidationError):
         EngineConfig(exit_policy="greedyy")
+
+
+@pytest.mark.parametrize("cpus, candidate, replicas, threads", [
+    (2, {}, 2, 1),  # one core left to the rest, so the engine gets one thread: two such replicas
+    (16, {}, 1, 15),
+    (16, {"engine": {"threads": 4}}, 4, 4),
+    (2, {"num_replicas": 1}, 1, 1),
+    (2, {"num_gpus": 0.5}, 1, 1),
+])
+def test_auto_replicas_give_the_cpus_to_the_engines_threads(monkeypatch, cpus, candidate, replicas, threads):
+    import deployments.model_server as ms
+    from cluster.k8s import one_replica_each
+
+    monkeypatch.setattr(ms, "usable_cpus", lambda: cpus)
+    c = ms.CandidateConfig.model_validate({"name": "a", **candidate})
+    assert (c.replicas(), c.engine_config().threads) == (replicas, threads)
+    # under KubeRay the app is built on the head, whose CPUs are not the workers'
+    assert one_replica_each(ClusterConfig(candidates=[c])).candidates[0].replicas() == candidate.get("num_replicas", 1)
+
+
+def test_a_memory_share_is_split_among_auto_replicas(monkeypatch):
+    import deployments.model_server as ms
+
+    monkeypatch.setattr(ms, "usable_cpus", lambda: 2)
+    share = ms.CandidateConfig.model_validate({"name": "a", "engine": {"memory_budget": 0.5}})
+    fixed = ms.CandidateConfig.model_validate({"name": "a", "engine": {"memory_budget": 2e9}})
+    assert share.engine_config().memory_budget == 0.25 and fixed.engine_config().memory_budget == 2e9

@@ -25,8 +25,10 @@ def main(home: str, redis_url: str, port: int) -> dict:
     engine = {"model": "smollm2", "depth": 2, "exits": False, "max_batch_size": 2, "home": home}
     cfg = ClusterConfig.model_validate({
         "app_name": "two-nodes", "port": port,
-        "candidates": [{"name": "a", "engine": engine, "shadow_rate": 0, "node_labels": {"helios-pool": "head"}},
-                       {"name": "b", "engine": engine, "shadow_rate": 0, "node_labels": {"helios-pool": "worker"}}],
+        "candidates": [{"name": "a", "engine": engine, "shadow_rate": 0, "num_replicas": 1,
+                        "node_labels": {"helios-pool": "head"}},
+                       {"name": "b", "engine": engine, "shadow_rate": 0, "num_replicas": 1,
+                        "node_labels": {"helios-pool": "worker"}}],
         "controller": {"actor_name": "two-nodes-controller", "namespace": "helios-two-nodes"},
         "telemetry": {"redis_url": redis_url}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -149,3 +149,35 @@ def test_an_engine_without_a_thread_count_leaves_cores_to_the_processes_serving_
                                            engine_cls=ScriptedEngine)
         threads[name] = server.engine.config.threads
     assert threads == {"default": 7, "none reserved": 8, "set": 3, "tiny": 1}
+
+
+def test_every_replica_follows_the_depth_the_controller_set_and_a_new_one_starts_there(redis_url):
+    import redis
+
+    from controller.actor import STATE, depth_field, setpoints
+
+    name = "follower"  # its own STATE field: other tests' candidates keep theirs
+    client = redis.Redis.from_url(redis_url)
+    client.hdel(STATE, depth_field(name))
+
+    def replica():
+        candidate = {"name": name, "engine": {"max_batch_size": 2}, "shadow_rate": 0}
+        return ModelServer.func_or_class(candidate, {"redis_url": redis_url, "flush_every_s": 0.05},
+                                         engine_cls=ScriptedEngine)
+
+    async def serve_then_move():
+        a, b = replica(), replica()
+        await _collect(a, _req(prompt="hi", max_tokens=2))  # b serves nothing: it follows all the same
+        before = a.engine.depth, b.engine.depth
+        # what the controller does: load the depth on the replica its handle picked, then record it
+        await a.load_layers(2)
+        client.hset(STATE, depth_field(name), 2)
+        for _ in range(100):
+            if b.engine.depth == 2:
+                break
+            await asyncio.sleep(0.05)
+        return before, (a.engine.depth, b.engine.depth), replica().engine.depth
+
+    before, after, newcomer = _run(serve_then_move())
+    assert before == (4, 4) and after == (2, 2) and newcomer == 2
+    assert setpoints(client, name) == (2, None)  # no thresholds set: the calibrated ones stay
