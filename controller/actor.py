@@ -149,7 +149,7 @@ class HeliosController:
         p = self.profiles[candidate]
         if not 1 <= depth <= p.num_layers:
             raise ValueError(f"depth {depth} outside 1..{p.num_layers} for {candidate}")
-        p.depth = await self.handles[candidate].load_layers.remote(depth)
+        p.depth = await self._load(candidate, depth)
         self._log(P.Decision(P.Action.SET_DEPTH, candidate, p.depth, "operator set the loaded depth"))
         return self.state()
 
@@ -198,7 +198,7 @@ class HeliosController:
                                                for n, p in self.profiles.items()}}))
             return  # the replicas kept the depths set before the restart (a new one reads them from STATE)
         for d in loads:
-            self.core.loaded(d.candidate, await self.handles[d.candidate].load_layers.remote(d.depth))
+            self.core.loaded(d.candidate, await self._load(d.candidate, d.depth))
             self._log(d)
         self._log(self.core.initial_select())
 
@@ -226,7 +226,7 @@ class HeliosController:
         decisions = self.core.decide()
         for d in decisions:
             if d.action is P.Action.LOAD_DEEPER:
-                self.core.loaded(d.candidate, await self.handles[d.candidate].load_layers.remote(d.depth))
+                self.core.loaded(d.candidate, await self._load(d.candidate, d.depth))
             self._log(d)
         return decisions
 
@@ -240,8 +240,16 @@ class HeliosController:
                               "thresholds": served}))
 
     # ---- helpers ---------------------------------------------------------------------------------
+    # A setpoint goes to STATE before the call: the replica the call reaches reads STATE too, and
+    # must not find the old value there and go back to it.
+    async def _load(self, name: str, depth: int) -> int:
+        """Load `depth` on one replica at once, on the others from STATE within a telemetry flush."""
+        self.redis.hset(STATE, depth_field(name), depth)
+        return await self.handles[name].load_layers.remote(depth)
+
     async def _serve_thresholds(self, name: str, thresholds: dict[int, float]) -> dict[int, float]:
-        """One replica at once, the others from STATE within a telemetry flush."""
+        """Serve `thresholds` (some layers) on one replica at once, on the others from STATE."""
+        self.redis.hset(STATE, thresholds_field(name), json.dumps({**self.tuners[name].thresholds, **thresholds}))
         served = await self.handles[name].set_thresholds.remote(thresholds)
         self.redis.hset(STATE, thresholds_field(name), json.dumps(served))
         return served
