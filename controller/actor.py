@@ -11,6 +11,7 @@ with its evidence; the routing state is mirrored to Redis and restored on restar
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import time
@@ -37,16 +38,22 @@ def depth_field(candidate: str) -> str:
     return f"depth:{candidate}"
 
 
-def thresholds_field(candidate: str) -> str:
-    """Field of STATE holding the exit thresholds (JSON) the controller last served `candidate`."""
-    return f"thresholds:{candidate}"
+def bank_id(calibration: dict | None) -> str:
+    """Which exit bank a candidate serves (a digest of its calibration report): thresholds tuned for
+    one bank mean nothing to another, e.g. after `helios calibrate` and a restart on the same Redis."""
+    return hashlib.sha1(json.dumps(calibration, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def setpoints(client: redis.Redis, candidate: str) -> tuple[int | None, dict[int, float] | None]:
+def thresholds_field(candidate: str, bank: str) -> str:
+    """Field of STATE holding the exit thresholds (JSON) the controller last served `candidate`'s `bank`."""
+    return f"thresholds:{candidate}:{bank}"
+
+
+def setpoints(client: redis.Redis, candidate: str, bank: str) -> tuple[int | None, dict[int, float] | None]:
     """The depth and exit thresholds the controller last set for `candidate` (None: never set).
     Every replica of the candidate follows them: the controller's own call reaches one replica (a
     Serve handle picks one), and a replica that replaces a dead one starts from them."""
-    depth, thresholds = client.hmget(STATE, [depth_field(candidate), thresholds_field(candidate)])
+    depth, thresholds = client.hmget(STATE, [depth_field(candidate), thresholds_field(candidate, bank)])
     return (int(depth) if depth is not None else None,
             {int(l): float(t) for l, t in json.loads(thresholds).items()} if thresholds is not None else None)
 
@@ -77,6 +84,7 @@ class HeliosController:
         self.handles = {c: serve.get_deployment_handle(d, spec.app_name) for c, d in spec.deployments.items()}
         self.names = sorted(spec.deployments)
         self.tuners: dict[str, ThresholdTuner] = {}
+        self.banks: dict[str, str] = {}  # candidate -> bank_id of the exits it serves
         self.seen: dict[str, tuple[int, int]] = {}  # candidate -> (tokens, breaches) already counted
         saved = self.redis.hgetall(STATE)
         self.restored = bool(saved)
@@ -189,6 +197,7 @@ class HeliosController:
                 setattr(p, f, saved.get(name, {}).get(f, getattr(p, f)))
             self.seen[name] = self._totals(name)
             self.tuners[name] = ThresholdTuner(self.cfg.thresholds, {int(l): t for l, t in stats.thresholds.items()})
+            self.banks[name] = bank_id(stats.calibration)
             self.tuners[name].reset(None, self.reader.shadow_by_layer(name))  # judge only what it serves from now
         loads = self.core.greedy_loads(profiles)
         if self.restored:
@@ -249,9 +258,10 @@ class HeliosController:
 
     async def _serve_thresholds(self, name: str, thresholds: dict[int, float]) -> dict[int, float]:
         """Serve `thresholds` (some layers) on one replica at once, on the others from STATE."""
-        self.redis.hset(STATE, thresholds_field(name), json.dumps({**self.tuners[name].thresholds, **thresholds}))
+        field = thresholds_field(name, self.banks[name])
+        self.redis.hset(STATE, field, json.dumps({**self.tuners[name].thresholds, **thresholds}))
         served = await self.handles[name].set_thresholds.remote(thresholds)
-        self.redis.hset(STATE, thresholds_field(name), json.dumps(served))
+        self.redis.hset(STATE, field, json.dumps(served))
         return served
 
     def _totals(self, name: str) -> tuple[int, int]:

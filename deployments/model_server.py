@@ -23,7 +23,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from ray import serve
 
-from controller.actor import setpoints
+from controller.actor import bank_id, setpoints
 from deployments.contracts import Chunk, GenerateRequest, ServerStats
 from deployments.engine_loop import EngineLoop
 from deployments.shadow import ShadowSampler
@@ -124,6 +124,7 @@ class ModelServer:
         # event loop nor the step thread: each has its own thread
         self._tokenize_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-tok")
         self._flush_pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{self.name}-flush")
+        self._bank = bank_id(self.engine.exits.meta if self.engine.exits is not None else None)
         self._follow(*self._setpoints())  # a replica that replaces a dead one starts where the controller left it
         self._queues: dict[str, asyncio.Queue] = {}  # request -> its stream's outputs
         self._timing: dict[str, list[float]] = {}  # request -> [arrival, last token] for TTFT / TPOT
@@ -215,7 +216,7 @@ class ModelServer:
     # thresholds it set from Redis at start and after each telemetry flush, and serves them.
     def _setpoints(self) -> tuple[int | None, dict[int, float] | None]:
         try:
-            return setpoints(self.writer.redis, self.name)
+            return setpoints(self.writer.redis, self.name, self._bank)
         except Exception as e:  # noqa: BLE001 - no Redis, or a bad entry: serve as now
             log.warning("%s: could not read the controller's setpoints (%s); serving as now", self.name, e)
             return None, None

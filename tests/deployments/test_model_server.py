@@ -1,6 +1,7 @@
 """The model server over a scripted engine (no model, no Ray cluster): streaming, stop-string
 hold-back, aborts, failures and refusals, in seconds. The cluster tests run the same class for real."""
 import asyncio
+import json
 import time
 from functools import partial
 
@@ -154,7 +155,7 @@ def test_an_engine_without_a_thread_count_leaves_cores_to_the_processes_serving_
 def test_every_replica_follows_the_depth_the_controller_set_and_a_new_one_starts_there(redis_url):
     import redis
 
-    from controller.actor import STATE, depth_field, setpoints
+    from controller.actor import STATE, bank_id, depth_field, setpoints
 
     name = "follower"  # its own STATE field: other tests' candidates keep theirs
     client = redis.Redis.from_url(redis_url)
@@ -180,4 +181,16 @@ def test_every_replica_follows_the_depth_the_controller_set_and_a_new_one_starts
 
     before, after, newcomer = _run(serve_then_move())
     assert before == (4, 4) and after == (2, 2) and newcomer == 2
-    assert setpoints(client, name) == (2, None)  # no thresholds set: the calibrated ones stay
+    assert setpoints(client, name, bank_id(None)) == (2, None)  # no thresholds set: the calibrated ones stay
+
+
+def test_thresholds_tuned_for_one_exit_bank_do_not_reach_another(redis_url):
+    import redis
+
+    from controller.actor import STATE, bank_id, setpoints, thresholds_field
+
+    client = redis.Redis.from_url(redis_url)
+    old, new = bank_id({"agreement": 0.97}), bank_id({"agreement": 0.98})  # recalibrated since
+    client.hset(STATE, thresholds_field("banks", old), json.dumps({"2": 0.9}))
+    assert setpoints(client, "banks", old)[1] == {2: 0.9}
+    assert setpoints(client, "banks", new)[1] is None and old != new
