@@ -75,7 +75,8 @@ class CandidateConfig(BaseModel):
                                                              "full depth off the critical path (greedy and sampled requests).")
 
     def engine_config(self) -> EngineConfig:
-        """The engine's config, its thread count set where the user left it unset."""
+        """The engine's config: its thread count set where the user left it unset, and a memory
+        share split among the replicas `auto` places on this node."""
         update = {}
         if self.engine.threads is None:
             update["threads"] = self._threads()

@@ -170,9 +170,9 @@ def test_every_replica_follows_the_depth_the_controller_set_and_a_new_one_starts
         a, b = replica(), replica()
         await _collect(a, _req(prompt="hi", max_tokens=2))  # b serves nothing: it follows all the same
         before = a.engine.depth, b.engine.depth
-        # what the controller does: load the depth on the replica its handle picked, then record it
-        await a.load_layers(2)
+        # what the controller does: record the depth, then load it on the replica its handle picks
         client.hset(STATE, depth_field(name), 2)
+        await a.load_layers(2)
         for _ in range(100):
             if b.engine.depth == 2:
                 break
