@@ -87,3 +87,27 @@ def test_weights_benchmark_judges_each_format_against_fp32(smollm2, tmp_path):
     assert int8["weights_MiB"] < 0.4 * fp32["weights_MiB"]
     assert abs(int8["floor_ms"] / fp32["floor_ms"] - int8["weights_MiB"] / fp32["weights_MiB"]) < 1e-6
     assert (tmp_path / "w.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "w.md").read_text()
+
+
+def test_exit_steps_prices_a_skipped_layer_both_ways():
+    from bench.exit_steps import table
+
+    rows = table(plain=[30.0, 30.0], own={10: [10.0], 30: [40.0, 30.0]}, after={10: [40.0], 30: [30.0]},
+                 num_layers=30)
+    by = {(r["steps"], r["layer"]): r for r in rows}
+    assert by[("token left at layer", 10)]["saved_ms_per_layer"] == 1.0  # (30 - 10) ms over 20 layers
+    # the next step ran those 20 layers again as a second column: 10 ms over a settled full step
+    assert by[("full depth, previous token left at", 10)]["extra_ms_per_layer"] == 0.5
+
+
+def test_exit_steps_benchmark_files_every_decode_step(smollm2, tmp_path):
+    from bench.exit_steps import main as exit_steps
+
+    exit_steps(["--prompts", "1", "--new-tokens", "6", "--rounds", "1", "--column-reps", "2", "--out", str(tmp_path),
+                "--name", "es"])
+    rows = json.loads((tmp_path / "es.json").read_text())
+    assert rows[0]["steps"] == "exits off" and rows[0]["count"] == 5  # 6 tokens: one from prefill, 5 decode steps
+    assert sum(r["count"] for r in rows if r["steps"] == "token left at layer") == 5
+    md = (tmp_path / "es.md").read_text()
+    assert "one row at 1-4 columns: 1: " in md and "Machine:" in md
+    assert (tmp_path / "es.png").read_bytes()[:4] == b"\x89PNG"
