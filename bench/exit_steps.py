@@ -20,11 +20,10 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
+import torch
 from tqdm.auto import tqdm
 
 from bench.common import RESULTS, command, decode_all, humaneval_prompts, machine, write
-import torch
-
 from engine import EngineConfig, LLMEngine, SamplingParams, deferred
 from engine.config import from_pairs
 
@@ -51,7 +50,8 @@ def measure(engine: LLMEngine, prompts: list[str], new_tokens: int, rounds: int)
 @torch.inference_mode()
 def columns(engine: LLMEngine, counts=(1, 2, 3, 4), reps: int = 20, context: int = 200) -> dict[int, float]:
     """Median ms for every loaded layer over one row of `count` columns (its new token and pending
-    ones) at a context of `context` tokens, the counts interleaved so drift in the machine hits all."""
+    ones) at a context of `context` tokens, the counts interleaved so drift in the machine hits all.
+    It writes K/V into slot 0: run it after the engine's requests are done."""
     model, times = engine.model, {n: [] for n in counts}
     slot = torch.tensor([0], device=model.device)
     for _ in tqdm(range(reps), desc="stack by columns"):
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"# Decode steps by exit layer: {args.model}, batch 1", "", f"Command: `{command()}`  ",
         f"Machine: {machine('cpu')}  ",
         f"Mean decode step: exits off {statistics.fmean(plain):.1f} ms, on {statistics.fmean(on):.1f} ms "
-        f"({statistics.fmean(plain) / statistics.fmean(on):.2f}x); one layer at one column about "
-        f"{statistics.median(plain) / engine.num_layers:.2f} ms with the LM head spread over the layers. "
+        f"({statistics.fmean(plain) / statistics.fmean(on):.2f}x); a full-depth step is "
+        f"{statistics.median(plain) / engine.num_layers:.2f} ms per layer, the LM head included. "
         "Medians over every decode step of the rounds.", "",
         "The loaded layers alone (no LM head, no checks) for one row at 1-4 columns: " + ", ".join(
             f"{n}: {ms:.1f} ms ({ms / stack[1]:.2f}x)" for n, ms in stack.items()) + "."])
