@@ -67,21 +67,24 @@ def columns(engine: LLMEngine, counts=(1, 2, 3, 4), reps: int = 20, context: int
 
 
 def table(plain: list[float], own: dict, after: dict, num_layers: int) -> list[dict]:
+    """One row per group of steps; each step's time is set against exits off (what a token that
+    left at `layer` saved) or against a full-depth step with nothing pending (what its column cost
+    the next step), per layer skipped."""
+    nan = float("nan")
     full = statistics.median(plain)
     settled = statistics.median(after.get(num_layers, plain))  # full depth, nothing pending
-    rows = [{"steps": "exits off", "layer": num_layers, "count": len(plain), "median_ms": full,
-             "saved_ms_per_layer": float("nan"), "extra_ms_per_layer": float("nan")}]
-    for layer, ms in sorted(own.items()):
-        skipped = num_layers - layer
-        rows.append({"steps": "token left at layer", "layer": layer, "count": len(ms), "median_ms": statistics.median(ms),
-                     "saved_ms_per_layer": (full - statistics.median(ms)) / skipped if skipped else float("nan"),
-                     "extra_ms_per_layer": float("nan")})
-    for layer, ms in sorted(after.items()):
-        skipped = num_layers - layer
-        rows.append({"steps": "full depth, previous token left at", "layer": layer, "count": len(ms),
-                     "median_ms": statistics.median(ms), "saved_ms_per_layer": float("nan"),
-                     "extra_ms_per_layer": (statistics.median(ms) - settled) / skipped if skipped else float("nan")})
-    return rows
+
+    def row(steps: str, layer: int, ms: list[float], saved: float = nan, extra: float = nan) -> dict:
+        return {"steps": steps, "layer": layer, "count": len(ms), "median_ms": statistics.median(ms),
+                "saved_ms_per_layer": saved, "extra_ms_per_layer": extra}
+
+    def per_skipped(delta: float, layer: int) -> float:
+        return delta / (num_layers - layer) if layer < num_layers else nan
+    return ([row("exits off", num_layers, plain)]
+            + [row("token left at layer", l, ms, saved=per_skipped(full - statistics.median(ms), l))
+               for l, ms in sorted(own.items())]
+            + [row("full depth, previous token left at", l, ms, extra=per_skipped(statistics.median(ms) - settled, l))
+               for l, ms in sorted(after.items())])
 
 
 def main(argv: list[str] | None = None) -> Path:
