@@ -1,8 +1,9 @@
 """Decode step time by batch size, weights as loaded against the start-up matmul plan (engine.matmul_plan).
 
 One engine, full depth; for each batch size the same requests decode under the plan the engine
-measured at start-up and under none (row-major weights, no padding), alternately, `--rounds`
-times; the table gives median step times. `floor_ms` is the time
+measured at start-up, under none (row-major weights, no padding) and under the plan it measures
+without oneDNN's packed layout (`dense`), alternately, `--rounds` times; the table gives median
+step times. `floor_ms` is the time
 to read every weight a decode step reads once (a sum over them): the weight-read floor. The last
 row is early exits at batch 1 (deferred fill: a step carries the new token and any pending ones).
 
@@ -33,6 +34,7 @@ def decode_ms(engine: LLMEngine, prompts: list[str], new_tokens: int) -> tuple[l
 @torch.inference_mode()
 def read_floor_ms(engine: LLMEngine, reps: int = 3) -> float:
     weights = [p for p in engine.model.layers.parameters() if p.dim() == 2] + [engine.model.lm_head_weight]
+    weights = [w.to_dense() if w.is_mkldnn else w for w in weights]  # a packed weight has the same bytes
     best = float("inf")
     for _ in range(reps):
         t0 = time.perf_counter()
@@ -43,20 +45,31 @@ def read_floor_ms(engine: LLMEngine, reps: int = 3) -> float:
 
 
 def compare(engine: LLMEngine, label: str, batch: int, prompts: list[str], new_tokens: int, rounds: int,
-            floor: float) -> dict:
+            floor: float, dense: tuple[MatmulPlan, MatmulPlan]) -> dict:
     model = engine.model
-    tuned = (model.layer_plan, model.head_plan)
-    times = {"as_loaded": [], "tuned": []}
+    plans = {"as_loaded": (MatmulPlan(), MatmulPlan()), "dense": dense, "tuned": (model.layer_plan, model.head_plan)}
+    times = {mode: [] for mode in plans}
     depth = 0.0
     for _ in range(rounds):
         for mode in times:
-            model.set_matmul_plans(*(tuned if mode == "tuned" else (MatmulPlan(), MatmulPlan())))
+            model.set_matmul_plans(*plans[mode])
             steps, depth = decode_ms(engine, prompts[:batch], new_tokens)
             times[mode] += steps
-    plain, planned = (statistics.median(times[m]) for m in times)
-    return {"system": label, "batch": batch, "padded_to": tuned[0].pad_to.get(batch, batch),
-            "step_ms_as_loaded": plain, "step_ms_tuned": planned, "speedup": plain / planned, "floor_ms": floor,
-            "tuned_x_floor": planned / floor, "tok_s_tuned": 1e3 * batch / planned, "mean_exit_layer": depth}
+    plain, unpacked, planned = (statistics.median(times[m]) for m in times)
+    return {"system": label, "batch": batch, "padded_to": plans["tuned"][0].pad_to.get(batch, batch),
+            "step_ms_as_loaded": plain, "step_ms_dense": unpacked, "step_ms_tuned": planned, "speedup": plain / planned,
+            "vs_dense": unpacked / planned, "floor_ms": floor, "tuned_x_floor": planned / floor,
+            "tok_s_tuned": 1e3 * batch / planned, "mean_exit_layer": depth}
+
+
+def dense_plans(engine: LLMEngine) -> tuple[MatmulPlan, MatmulPlan]:
+    """The plans this engine measures without the packed layout; its own plans stay in place."""
+    model = engine.model
+    tuned = (model.layer_plan, model.head_plan)
+    model.tune_matmuls(may_pack=False)
+    dense = (model.layer_plan, model.head_plan)
+    model.set_matmul_plans(*tuned)
+    return dense
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -73,13 +86,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     full.generate(prompts[:1], SamplingParams(max_tokens=4))  # warm-up
     floor = read_floor_ms(full)
     plans = {"full depth": {"layers": full.model.layer_plan.to_dict(), "head": full.model.head_plan.to_dict()}}
-    rows = [compare(full, "full depth", b, prompts, args.new_tokens, args.rounds, floor)
+    dense = dense_plans(full)
+    plans["without packing"] = {"layers": dense[0].to_dict(), "head": dense[1].to_dict()}
+    rows = [compare(full, "full depth", b, prompts, args.new_tokens, args.rounds, floor, dense)
             for b in tqdm(args.batches, desc="batch sizes")]
     del full
     ee = LLMEngine(EngineConfig(model=args.model, max_batch_size=1))
     if ee.exits is not None:
         ee.generate(prompts[:1], SamplingParams(max_tokens=4))
-        rows.append(compare(ee, "early exits, deferred fill", 1, prompts, args.new_tokens, args.rounds, floor))
+        rows.append(compare(ee, "early exits, deferred fill", 1, prompts, args.new_tokens, args.rounds, floor,
+                            dense_plans(ee)))
     plans["early exits"] = {"layers": ee.model.layer_plan.to_dict(), "head": ee.model.head_plan.to_dict()}
     name = args.name or f"matmul-plan-{args.model}-cpu"
     args.out.mkdir(parents=True, exist_ok=True)
@@ -89,7 +105,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     (args.out / f"{name}.md").write_text("\n".join([
         f"# Matmul plan: {args.model}", "", f"Command: `{command()}`  ", f"Machine: {machine('cpu')}  ",
         f"Start-up plans (each engine measures its own): {json.dumps(plans)}. Median decode step over {args.rounds} rounds of {args.new_tokens} "
-        "tokens per batch size, weights as loaded and tuned alternately, on one engine.", "",
+        "tokens per batch size, weights as loaded, under the plan without packing and tuned, alternately, on one engine.", "",
         *table, "", f"![matmul plan]({name}.png)", ""]))
     _plot([r for r in rows if r["system"] == "full depth"], args.out / f"{name}.png")
     print("\n".join(table))
@@ -105,6 +121,7 @@ def _plot(rows: list[dict], path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     batch = [r["batch"] for r in rows]
     ax.plot(batch, [r["step_ms_as_loaded"] for r in rows], "o-", label="weights as loaded")
+    ax.plot(batch, [r["step_ms_dense"] for r in rows], "o-", label="plan without packing")
     ax.plot(batch, [r["step_ms_tuned"] for r in rows], "o-", label="start-up matmul plan")
     ax.axhline(rows[0]["floor_ms"], ls=":", color="grey", label="weight-read floor")
     ax.set(xlabel="sequences in the decode step", ylabel="decode step (ms)", title="full-depth decode step", ylim=(0, None))

@@ -13,12 +13,14 @@ not always get there, and where it falls short differs by CPU and BLAS. On an AM
 So the engine measures both layouts over the model's own weights (`plan`), and pads only the row
 counts where that measurement says a larger count is faster (`choose_padding`).
 
-bf16 weights on a CPU with bf16 matmul units (AMX, AVX-512 BF16) go through oneDNN, and `F.linear`
-reorders the weight into oneDNN's blocked layout on every call: on a 2-core Xeon with AMX, 30 layers
-of SmolLM2-shaped bf16 weights took 21.9 ms at one row, slower than fp32's 17.2. Reordered once at
-load (`pack`), the same matmuls took 15.8 ms at one row and 15.0 at eight (fp32: 32.7). `plan`
-measures that layout too wherever it exists, and takes it when it beats the dense ones at every row
-count.
+oneDNN has a third layout: the weight reordered once into its blocked form (`pack`), which
+`F.linear` cannot keep (for bf16 it redoes the reorder on every call). On the same AMD EPYC (AVX2,
+no AVX-512) SmolLM2's 30 layers of fp32 weights took 23 ms at one row, 24 at two and 34 at eight
+(column-major through MKL: 27, 39 and 52; the plain sum of the same bytes ran at about the same
+rate as the packed one-row pass), and the same within 8% at 64-512 rows (prefill). With bf16 on a
+2-core Xeon with AMX, 30 layers took 21.9 ms at one row unpacked, slower than fp32's 17.2, and 15.8
+at one row and 15.0 at eight packed. `plan` measures that layout too wherever it exists, and
+`choose` weighs the three alike.
 """
 from __future__ import annotations
 
@@ -36,7 +38,7 @@ MAX_ROWS = 8  # row counts probed and padded to; beyond it every BLAS we met is 
 class MatmulPlan:
     col_major: bool = False  # weights stored transposed: BLAS reads them as a non-transposed operand
     pad_to: dict[int, int] = field(default_factory=dict)  # row count -> row count to run it as
-    packed: bool = False  # weights reordered once into oneDNN's blocked layout (bf16 on CPU), no padding
+    packed: bool = False  # weights reordered once into oneDNN's blocked layout (CPU), no padding
     int8_rows: int = 0  # row counts up to this run on the matrix's int8 copy (the LM head under int8_weights)
 
     def to_dict(self) -> dict:
@@ -50,9 +52,10 @@ def col_major(w: torch.Tensor) -> torch.Tensor:
 
 
 def packable(w: torch.Tensor) -> bool:
-    """A bf16 weight on a CPU whose oneDNN has bf16 matmul kernels."""
-    return (w.device.type == "cpu" and w.dtype == torch.bfloat16 and torch.backends.mkldnn.is_available()
-            and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    """An fp32 weight on a CPU with oneDNN, or a bf16 one where oneDNN has bf16 matmul kernels."""
+    if w.device.type != "cpu" or not torch.backends.mkldnn.is_available():
+        return False
+    return w.dtype == torch.float32 or (w.dtype == torch.bfloat16 and torch.ops.mkldnn._is_mkldnn_bf16_supported())
 
 
 def pack(w: torch.Tensor) -> torch.Tensor:
@@ -82,15 +85,20 @@ def padded_times(times: dict[int, float], margin: float = 0.85) -> dict[int, flo
     return {m: times[pad.get(m, m)] for m in times}
 
 
-def choose(row_major: dict[int, float], col: dict[int, float], margin: float = 0.8) -> MatmulPlan:
-    """The layout whose worst row count, once padded, is least slower than the better layout at that
-    count (neither batch 1 nor a full batch may lose much); column-major only when that worst case is
-    under `margin` of row-major's (the weights are loaded row-major), with its padding."""
+def choose(row_major: dict[int, float], col: dict[int, float], packed: dict[int, float] | None = None,
+           margin: float = 0.8) -> MatmulPlan:
+    """The layout whose worst row count, once padded (a packed weight is not), is least slower than
+    the best layout at that count: neither batch 1 nor a full batch may lose much. Another layout
+    than row-major (the weights as loaded) only when its worst case is under `margin` of row-major's."""
     padded = {"row": padded_times(row_major), "col": padded_times(col)}
+    if packed is not None:
+        padded["packed"] = packed
     best = {m: min(p[m] for p in padded.values()) for m in row_major}
     worst = {k: max(p[m] / best[m] for m in p) for k, p in padded.items()}
-    use_col = worst["col"] < margin * worst["row"]
-    return MatmulPlan(use_col, choose_padding(col if use_col else row_major))
+    alt = min((k for k in padded if k != "row"), key=worst.get)
+    if worst[alt] >= margin * worst["row"]:
+        return MatmulPlan(False, choose_padding(row_major))
+    return MatmulPlan(packed=True) if alt == "packed" else MatmulPlan(True, choose_padding(col))
 
 
 @torch.inference_mode()
@@ -111,18 +119,14 @@ def measure(weights: list[torch.Tensor], max_rows: int = MAX_ROWS, rounds: int =
     return best
 
 
-def plan(weights: list[torch.Tensor], may_pack: bool = True, margin: float = 0.9) -> MatmulPlan:
-    """Measure these (row-major) weights in both layouts and choose; where they can be packed
-    (`packable`, and `may_pack`), packed when that is under `margin` of the chosen layout's time
-    at every row count."""
+def plan(weights: list[torch.Tensor], may_pack: bool = True) -> MatmulPlan:
+    """Measure these (row-major) weights in each layout and `choose`: row- and column-major, and
+    packed where they can be (`packable`, and `may_pack`)."""
     row, col = measure(weights), measure([col_major(w) for w in weights])
-    dense = choose(row, col)
+    packed = None
     if may_pack and packable(weights[0]):
         packed = measure([pack(w) for w in weights], mm=packed_linear)
-        chosen = padded_times(col if dense.col_major else row)
-        if all(packed[m] < margin * chosen[m] for m in chosen):
-            return MatmulPlan(packed=True)
-    return dense
+    return choose(row, col, packed)
 
 
 def choose_int8_rows(int8: dict[int, float], dense: dict[int, float], margin: float = 0.9) -> int:

@@ -276,18 +276,20 @@ class EEModel(nn.Module):
         """Final norm and the LM head's `rows` only ([V, hidden], an exit vocabulary): [..., V]."""
         return self.norm(h) @ rows.T
 
-    def tune_matmuls(self, sample_bytes: int = 128 << 20) -> None:
+    def tune_matmuls(self, sample_bytes: int = 128 << 20, may_pack: bool = True) -> None:
         """Measure this CPU's fastest weight layout and row padding, for the layers and for the LM
-        head, on `sample_bytes` of their own weights (more than caches hold), and use them."""
+        head, on `sample_bytes` of their own weights (more than caches hold), and use them;
+        `may_pack=False` leaves oneDNN's packed layout out (what a plan without it would be)."""
         sample, size = [], 0
         for m in self.layers.modules():
             if isinstance(m, PlannedLinear) and size < sample_bytes:
-                sample.append(m.weight.detach().contiguous())
+                w = m.weight.detach()
+                sample.append(w.to_dense() if w.is_mkldnn else w.contiguous())  # packed by an earlier plan
                 size += sample[-1].numel() * sample[-1].element_size()
         head = self.lm_head_weight.detach()
         head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
         # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays dense
-        layers = matmul_plan.plan(sample) if sample else self.layer_plan  # int8 layers have their own kernel
+        layers = matmul_plan.plan(sample, may_pack) if sample else self.layer_plan  # int8 layers have their own kernel
         head_plan = matmul_plan.plan([head], may_pack=False)
         if self.head_int8 is not None:
             head_plan.int8_rows = matmul_plan.plan_int8_rows(self.head_int8, head, head_plan)

@@ -72,10 +72,11 @@ def test_any_plan_decodes_the_same_tokens(smollm2):
     assert model.layers[-1].mlp.up_proj.weight.t().is_contiguous()
 
 
-def test_bf16_weights_packed_for_onednn_decode_the_dense_weights_tokens(smollm2):
-    if not matmul_plan.packable(torch.zeros(1, dtype=torch.bfloat16)):
-        pytest.skip("this CPU's oneDNN has no bf16 kernels")
-    engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=3, dtype="bfloat16",
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_weights_packed_for_onednn_decode_the_dense_weights_tokens(smollm2, dtype):
+    if not matmul_plan.packable(torch.zeros(1, dtype=getattr(torch, dtype))):
+        pytest.skip(f"this CPU's oneDNN has no {dtype} kernels")
+    engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=3, dtype=dtype,
                                     tune_matmuls=False))
     model = engine.model
     params = SamplingParams(max_tokens=12, ignore_eos=True)
@@ -94,17 +95,21 @@ def test_bf16_weights_packed_for_onednn_decode_the_dense_weights_tokens(smollm2)
     assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == dense
 
 
-def test_packing_is_chosen_only_when_it_beats_the_dense_layouts_at_every_row_count(monkeypatch):
+def test_packing_is_chosen_like_any_layout_by_its_worst_row_count(monkeypatch):
     fast, slow = {m: 10.0 for m in range(1, 9)}, {m: 20.0 for m in range(1, 9)}
     monkeypatch.setattr(matmul_plan, "packable", lambda w: True)
     monkeypatch.setattr(matmul_plan, "pack", lambda w: w)
     timings = iter([slow, slow, fast])  # row-major, column-major, packed
     monkeypatch.setattr(matmul_plan, "measure", lambda *a, **k: next(timings))
+    assert matmul_plan.plan([torch.zeros(4, 4)]) == MatmulPlan(packed=True)
+    timings = iter([slow, slow, {**fast, 1: 19.0}])  # a near tie at one row, twice as fast elsewhere
     assert matmul_plan.plan([torch.zeros(4, 4)]).packed
-    timings = iter([slow, slow, {**fast, 1: 19.0}])  # not faster enough at one row
-    assert not matmul_plan.plan([torch.zeros(4, 4)]).packed
+    timings = iter([slow, slow, {**fast, 1: 40.0}])  # batch 1 would lose as much as the others gain
+    assert matmul_plan.plan([torch.zeros(4, 4)]) == MatmulPlan()
     timings = iter([slow, slow, fast])
     assert not matmul_plan.plan([torch.zeros(4, 4)], may_pack=False).packed
+    timings = iter([slow, {**fast, 1: 9.0}, fast])  # column-major at least as good everywhere
+    assert matmul_plan.plan([torch.zeros(4, 4)]).col_major
 
 
 def test_int8_weights_dequantise_to_the_weights_and_halve_the_layer_bytes(smollm2):
