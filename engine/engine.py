@@ -219,6 +219,8 @@ class LLMEngine:
         stack = run_stack(self.model, self.exits, h, ctx, last_idx, is_prefill, opts)
         if checked:
             self.gate.observe(checked, stack.confident_at)
+        if self.gate is not None and stack.checks and not is_prefill:
+            self.gate.observe_check(stack.check_s / stack.checks)
         rows = list(range(len(work)))
         if is_prefill:  # only a chunk that ends its prompt, or decodes, yields a token
             for c in work:

@@ -1,24 +1,30 @@
 """Which exit points are worth checking in a decode step: an exit that cannot pay is not tried.
 
 A check costs the same whether or not anyone leaves (the predictor over the batch, a gather, a
-comparison), and what it can buy depends on the batch: a decode step is bound by reading the
-weights, so rows that leave while others go on save next to nothing; the layers are saved only
-when the whole batch has its tokens. With `n` rows that each have their token by layer l with
-probability R_l, the batch stops there with probability about R_l ** n (an upper bound when rows
-differ), and saves the layers after l: at the deferred fill only their fixed part, since the
-leavers' deeper KV is still computed, riding a later step. A point is checked when
+comparison, and the exit-vocabulary check of the rows the predictor passes), and what it can buy
+depends on the batch: the layers after a point are saved only when the whole batch has its tokens
+there (rows that leave while others go on save little; engine.rebatch). With `n` rows that each
+have their token by layer l with probability R_l, the batch is done by l with probability about
+R_l ** n (an upper bound when rows differ). A check at l runs only on the steps that reach it,
+those not done by the last point checked before it (k), and what it adds is the steps done at l
+but not by k. So, going up from the shallowest point, l is checked when
 
-    R_l ** n * ((depth - l) * saved_per_layer(n) + head_s)  >  check_s
+    (R_l ** n - R_k ** n) * ((depth - l) * saved_per_layer(n) + head_s)  >=  (1 - R_k ** n) * check_s
 
-where head_s is what the step saves on the LM head when every row leaves through the exit
-vocabulary (engine.exits): the full head is then not read at all.
+where saved_per_layer is a layer's time at the deferred fill net of the per-row part (the leavers'
+deeper KV is still computed, riding a later step), and head_s what the step saves on the LM head
+when every row leaves through the exit vocabulary (engine.exits): the full head is then not read.
+A deep point right after a shallower one adds the few tokens that first become confident there, and
+at batch 1 on the shipped SmolLM2 heads that is not worth a check every step.
 
-so at batch 1 the checks that pay stay, and at batch 8 most points are skipped: their rows take
-the token of a deeper exit or of the full model, which is also the better token. Under the
-`buffer` policy a point is also checked where the rows expected to continue (n (1 - R_l)) are few
-enough for the buffer to hold them (engine.buffer). Every
-`explore_every`-th decode step checks every point, and the share of rows confident by each layer
-(R_l) is measured at the points each step checks, decayed so the estimate follows the workload.
+At batch 8 most points are skipped: their rows take the token of a deeper exit or of the full
+model, which is also the better token. Under the `buffer` policy a point is also checked where the
+rows expected to continue (n (1 - R_l)) are few enough for the buffer to hold them (engine.buffer).
+Every `explore_every`-th decode step checks every point, and the share of rows confident by each
+layer (R_l) is measured at the points each step checks, decayed so the estimate follows the
+workload. `check_s` starts as `measure_check`'s figure and then follows what checks cost in the
+engine's own steps (`observe_check`): in a decode step a check's small kernels take several times
+what they do alone.
 
 Plain Python over a measured cost model, testable without a model.
 """
@@ -47,6 +53,7 @@ class ExitGate:
     head_s: float = 0.0  # the full LM head's read, spared when the whole batch leaves through the exit vocabulary
     explore_every: int = 16
     decay: float = 0.97  # weight of past steps in R_l per step observed, so R_l follows the workload
+    check_weight: float = 0.1  # weight of each step's measured check cost in check_s (0: keep the start-up figure)
     steps: int = 0
     skipped: int = 0  # checks not run because they could not pay
     _hits: dict[int, float] = field(default_factory=dict)  # decayed rows confident by l
@@ -65,9 +72,12 @@ class ExitGate:
             return max(c.layer_s(rows) - c.fill_s(rows), 0.0)
         return c.layer_s(rows)
 
-    def pays(self, layer: int, rows: int, depth: int) -> bool:
+    def pays(self, layer: int, rows: int, depth: int, done_before: float = 0.0) -> bool:
+        """Whether checking `layer` pays, given that the batch is done by the point checked before it
+        with probability `done_before`."""
         r = self.confident_by(layer)
-        if r ** rows * ((depth - layer) * self.saved_per_layer_s(rows) + self.head_s) > self.check_s:
+        gain = max(r ** rows - done_before, 0.0) * ((depth - layer) * self.saved_per_layer_s(rows) + self.head_s)
+        if gain >= (1 - done_before) * self.check_s:
             return True
         continuing = round(rows * (1 - r))
         return self.buffer is not None and 0 < continuing < rows and self.buffer.decide(rows, continuing, layer,
@@ -78,9 +88,17 @@ class ExitGate:
         self.steps += 1
         if (self.steps - 1) % self.explore_every == 0:
             return set(candidates)
-        keep = {l for l in candidates if self.pays(l, rows, depth)}
+        keep, done = set(), 0.0
+        for l in sorted(candidates):
+            if self.pays(l, rows, depth, done):
+                keep.add(l)
+                done = max(done, self.confident_by(l) ** rows)
         self.skipped += len(candidates) - len(keep)
         return keep
+
+    def observe_check(self, seconds: float) -> None:
+        """What one check cost in a step just run."""
+        self.check_s += self.check_weight * (seconds - self.check_s)
 
     def observe(self, checked: set[int], confident_at: list[int]) -> None:
         """A step's outcome at the points it checked: per row, the first layer whose check it passed

@@ -93,24 +93,26 @@ def timed(fn, reps: int) -> float:
 @torch.inference_mode()
 def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
     """Time one decode step of layer 0 and its KV fill at 1 and `max_rows` rows (1 or more), one
-    regroup, and the LM head over `max_rows` rows.
+    regroup, and the LM head over `max_rows` rows. With one slot the per-row term is timed as a
+    second column of that row: what a deferred token adds to the step that carries it (on a CPU
+    whose matmul at 2 rows costs more than one weight read, most of a layer).
 
-    It writes KV at position 0 of the first slots; run it before any request is admitted.
+    It writes KV at positions 0-1 of the first slots; run it before any request is admitted.
     """
     dev = model.device
     big = max(max_rows, 1)
 
-    def setup(rows):
+    def setup(rows, columns=1):
         slots = torch.arange(rows, device=dev)
-        ctx = model.make_ctx(slots, torch.zeros(rows, 1, dtype=torch.long, device=dev))
-        h = torch.randn(rows, 1, model.hidden_size, device=dev, dtype=model.dtype) * 0.1
+        ctx = model.make_ctx(slots, torch.arange(columns, device=dev).expand(rows, columns))
+        h = torch.randn(rows, columns, model.hidden_size, device=dev, dtype=model.dtype) * 0.1
         return h, ctx
 
     def fill_once(h, ctx):
         _, k, v = model._qkv(0, model.layers[0].input_layernorm(h), ctx, need_q=False)
         model.kv.write(0, ctx.slots, ctx.positions, k, v)
 
-    (h1, c1), (hb, cb) = setup(1), setup(big)
+    (h1, c1), (hb, cb) = setup(1), setup(big) if big > 1 else setup(1, 2)
     l1 = timed(lambda: model.layer_forward(0, h1, c1), reps)
     lb = timed(lambda: model.layer_forward(0, hb, cb), reps)
     f1 = timed(lambda: fill_once(h1, c1), reps)
@@ -122,7 +124,7 @@ def measure_cost(model, max_rows: int, reps: int = 5) -> LayerCost:
     view = timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, 0)], reps)
     gather = timed(lambda: [t.sum() for t in model.kv.read(0, slots, length, None)], reps)
     head = timed(lambda: model.logits(hb[:, 0]), reps)
-    per_row = max(lb - l1, 0.0) / (big - 1) if big > 1 else 0.0  # one slot: no per-row term to tell apart
-    fill_per_row = max(fb - f1, 0.0) / (big - 1) if big > 1 else 0.0
+    extra = max(big - 1, 1)  # rows (or, with one slot, columns) beyond the first
+    per_row, fill_per_row = max(lb - l1, 0.0) / extra, max(fb - f1, 0.0) / extra
     return LayerCost(max(l1 - per_row, 0.0), per_row, max(f1 - fill_per_row, 0.0), fill_per_row, s,
                      max(gather - view, 0.0) / (big * length), head)

@@ -29,6 +29,7 @@ whose check passes, so a token's exit means the same thing in prefill and decode
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -66,6 +67,8 @@ class StackOutput:
     # per row, the first exit point whose check it passed (exit_gate.NEVER if none): what the exit
     # gate learns from on the steps that check every point
     confident_at: list[int] = field(default_factory=list)
+    checks: int = 0  # exit points checked
+    check_s: float = 0.0  # wall time they took, the states they read included (what the exit gate prices)
 
 
 def _max_prob(logits: torch.Tensor) -> torch.Tensor:
@@ -158,12 +161,16 @@ def run_stack(model: EEModel, bank: ExitBank | None, h: torch.Tensor, ctx: Batch
             result.row_layers += len(batch.rows)
         if i + 1 not in refs or i + 1 == depth:  # the last loaded layer is judged in _exit_at_depth
             continue
+        t0 = time.perf_counter()
         last = batch.lasts()
         point, before, batch.prev = checks.get(i + 1), batch.prev, last
         if point is None:
+            result.check_s += time.perf_counter() - t0  # a state a later check reads
             continue
         leave = _take_tokens(model, bank, point, i + 1, batch, last, before, opts, first_conf, out, vocab, rec,
                              result)
+        result.check_s += time.perf_counter() - t0
+        result.checks += 1
         if opts.buffer is not None and not is_prefill:
             leave = _hold(opts, i + 1, depth, batch, b, leave, out, vocab, rec, result)
         if is_prefill or leave is None:

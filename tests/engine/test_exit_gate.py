@@ -1,10 +1,13 @@
 """The exit gate: an exit point is checked in a step only when the batch could leave there often
 enough to pay for the check."""
 import math
+import time
+
+import pytest
 
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.exit_gate import NEVER, ExitGate
-from engine.rebatch import LayerCost
+from engine.rebatch import LayerCost, measure_cost
 from tests.conftest import PROMPTS
 
 COST = LayerCost(layer_fixed_s=1e-3, layer_per_row_s=1e-4, fill_fixed_s=5e-4, fill_per_row_s=0.0, split_s=0.0)
@@ -53,10 +56,47 @@ def test_every_sixteenth_step_explores_and_an_unseen_point_is_checked():
     assert 14 in gate.plan([14, 20], rows=1, depth=30)
 
 
+def test_a_point_after_a_checked_one_is_priced_by_the_tokens_it_adds():
+    gate = _gate(check_s=1e-3, head_s=2e-3)
+    for _ in range(5):  # at batch 1: half the tokens confident by 26, one in twenty first at 28
+        for confident_at in [26] * 10 + [28] + [NEVER] * 9:
+            gate.observe({26, 28}, [confident_at])
+    gate.steps = 1  # past the exploring step
+    assert gate.plan([28], rows=1, depth=30) == {28}  # alone, 0.55 * (2 layers + the head) beats the check
+    # after 26 it runs on the half of the steps still there and ends 1 in 10 of them: not worth it
+    gate.steps = 1
+    assert gate.plan([26, 28], rows=1, depth=30) == {26}
+
+
+def test_the_check_cost_follows_what_checks_cost_in_the_steps():
+    gate = _gate(check_s=1e-3)
+    for _ in range(100):
+        gate.observe_check(3e-3)
+    assert math.isclose(gate.check_s, 3e-3, rel_tol=1e-3)
+    gate.check_weight = 0.0
+    gate.observe_check(1.0)
+    assert math.isclose(gate.check_s, 3e-3, rel_tol=1e-3)
+
+
 def test_the_saving_of_a_layer_is_net_of_the_kv_its_tokens_still_need():
     assert _gate(kv_fill="deferred").saved_per_layer_s(8) == COST.layer_fixed_s  # rows' KV rides a later step
     assert _gate(kv_fill="none").saved_per_layer_s(8) == COST.layer_s(8)
     assert _gate(kv_fill="copy").saved_per_layer_s(8) == COST.layer_s(8) - COST.fill_s(8)
+
+
+def test_with_one_slot_the_per_row_cost_is_what_a_second_column_adds(smollm2, monkeypatch):
+    # at batch 1 a deferred token rides its row's next step as a second column: the gate must net
+    # that out of what a skipped layer saves, so the cost model has to price it even with one slot
+    engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=1, tune_matmuls=False))
+
+    def layer(i, h, ctx):  # a layer of known cost: 2 ms, plus 4 ms per token it runs
+        time.sleep(2e-3 + 4e-3 * h.shape[0] * h.shape[1])
+        return h
+
+    monkeypatch.setattr(engine.model, "layer_forward", layer)
+    cost = measure_cost(engine.model, 1)
+    assert cost.layer_per_row_s == pytest.approx(4e-3, rel=0.25)
+    assert cost.layer_fixed_s == pytest.approx(2e-3, abs=1e-3)
 
 
 def test_a_gate_that_checks_nothing_serves_full_depth_tokens_and_one_that_checks_all_changes_nothing(
@@ -72,11 +112,15 @@ def test_a_gate_that_checks_nothing_serves_full_depth_tokens_and_one_that_checks
         results = engine.generate(PROMPTS, params)
         return [r.token_ids for r in results], [e.layer for r in results for e in r.exits]
 
+    start = gate.check_s
+    run()
+    assert gate.check_s != start and gate.check_s > 0  # the steps report what their checks cost
     engine.gate = None
     ungated, ungated_layers = run()
     assert min(ungated_layers) < 30
-    engine.gate, gate.check_s = gate, 0.0  # every check pays
-    assert run() == (ungated, ungated_layers) and gate.skipped == 0
+    gate.check_weight = 0.0  # the costs set below stay as set
+    engine.gate, gate.check_s, skipped = gate, 0.0, gate.skipped  # every check pays
+    assert run() == (ungated, ungated_layers) and gate.skipped == skipped
     gate.check_s, gate.explore_every = math.inf, 10**9  # no check pays, and none explores
     results = engine.generate(PROMPTS, params)
     assert gate.skipped > 0 and engine.stats.checks_skipped == gate.skipped
