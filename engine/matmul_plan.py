@@ -14,8 +14,8 @@ So the engine measures both layouts over the model's own weights (`plan`), and p
 counts where that measurement says a larger count is faster (`choose_padding`).
 
 oneDNN has a third layout: the weight reordered once into its blocked form (`pack`), which
-`F.linear` cannot keep (for bf16 it redoes the reorder on every call). On the same AMD EPYC (AVX2,
-no AVX-512) SmolLM2's 30 layers of fp32 weights took 23 ms at one row, 24 at two and 34 at eight
+`F.linear` cannot keep (for bf16 it redoes the reorder on every call). On an AMD EPYC with AVX2
+only (no AVX-512) SmolLM2's 30 layers of fp32 weights took 23 ms at one row, 24 at two and 34 at eight
 (column-major through MKL: 27, 39 and 52; the plain sum of the same bytes ran at about the same
 rate as the packed one-row pass), and the same within 8% at 64-512 rows (prefill). With bf16 on a
 2-core Xeon with AMX, 30 layers took 21.9 ms at one row unpacked, slower than fp32's 17.2, and 15.8
