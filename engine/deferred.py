@@ -61,12 +61,13 @@ def pending_counts(ctx: BatchCtx) -> torch.Tensor:
 
 def layer_step(model: EEModel, i: int, h: torch.Tensor, ctx: BatchCtx) -> int:
     """Run layer i over the columns that take part, in place; returns how many took part."""
-    c, active = ctx.at_layer(i, model.kv.scratch)
-    t = active.shape[1]
+    view = ctx.at_layer(i, model.kv.scratch)
+    t = view.active.shape[1]
     if t == 0:
         return 0
-    h[:, :t] = torch.where(active[..., None], model.layer_forward(i, h[:, :t], c), h[:, :t])
-    return int(active.sum())
+    out = model.layer_forward(i, h[:, :t], view.ctx)
+    h[:, :t] = out if view.every else torch.where(view.active[..., None], out, h[:, :t])
+    return view.count
 
 
 def settle(model: EEModel, h: torch.Tensor, ctx: BatchCtx, reached: int) -> None:
