@@ -121,6 +121,23 @@ def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
             "mem": sum(e.memory_bytes()["total"] for e in engines), "engines": engines}
 
 
+def run_repeats(systems: list[str], repeats: int, run) -> tuple[dict, dict]:
+    """Every system `repeats` times, the order rotated each time, so machine drift over minutes hits
+    every system alike and none always runs first. Returns (one result per system, its tokens/s per
+    repeat): throughput is the median of the repeats, TTFT and TPOT are pooled over them, and tokens,
+    exits and decisions are the first repeat's (quality is judged once)."""
+    runs = {s: [] for s in systems}
+    for i in range(repeats):
+        k = i % len(systems)
+        for s in systems[k:] + systems[:k]:
+            runs[s].append(run(s))
+    merged = {}
+    for s, rs in runs.items():
+        merged[s] = {**rs[0], "tok_s": statistics.median(r["tok_s"] for r in rs),
+                     "ttft": [t for r in rs for t in r["ttft"]], "tpot": [t for r in rs for t in r["tpot"]]}
+    return merged, {s: [r["tok_s"] for r in rs] for s, rs in runs.items()}
+
+
 def summarise(system, wl, batch, r, ref_tokens, budget, verify) -> dict:
     n = max(len(r["exits"]), sum(len(t) for t in r["tokens"]))
     agree, _ = agreement(r["tokens"], ref_tokens)
@@ -170,6 +187,9 @@ def main(argv=None) -> Path:
     ap.add_argument("--home", default=None, help="converted checkpoints (default: HELIOS_HOME)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--repeats", type=int, default=1,
+                    help="runs of every system per workload and batch, in rotated order; tok/s is their median "
+                         "and each ratio the median of the repeats' ratios (for machines whose speed drifts)")
     ap.add_argument("--short", action="store_true", help="tiny budget: 3 requests, 8 tokens, batch 2")
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -191,7 +211,7 @@ def main(argv=None) -> Path:
     hf = load_hf(resolve_source(args.model))
     hf[0].to(args.device)
     systems = ["engine full depth"] + [s for s in args.systems if s != "engine full depth"]
-    rows, traces = [], {}
+    rows, traces, speeds = [], {}, {}
     singles = {}  # engines of single-candidate systems are reused across workloads; HELIOS starts fresh
     for wl in tqdm(args.workloads, desc="workloads"):
         requests = workload(wl, args.prompts, tokenizer)
@@ -199,7 +219,9 @@ def main(argv=None) -> Path:
         verify = lambda tokens: token_agreement(hf[0], hf[1], prompts, tokens)  # noqa: E731
         for batch in args.batch:
             at = base.model_copy(update={"max_batch_size": batch})
-            results = {s: run_system(s, at, requests, args, hf, singles) for s in systems}
+            results, tok_s = run_repeats(systems, args.repeats,
+                                         lambda s: run_system(s, at, requests, args, hf, singles))
+            speeds.update({(s, wl, batch): v for s, v in tok_s.items()})
             ref = results["engine full depth"]
             budget = full_weights["base"] + full_weights["layers"] + ref["engines"][0].memory_bytes()["kv_cache"]
             for s in tqdm(args.systems, desc="verifying", leave=False):
@@ -208,20 +230,24 @@ def main(argv=None) -> Path:
                               "kinds": r["kinds"], "decisions": r["decisions"]}
                           for s, r in results.items() if r["exits"]}  # the largest batch's, the last run
     name = args.name or f"helios-{args.model}-{'gpu' if args.device.startswith('cuda') else 'cpu'}"
-    return write_results(args, rows, traces, name)
+    return write_results(args, rows, traces, name, speeds)
 
 
-def ratio_table(rows: list[dict]) -> list[str]:
-    """Each system's tokens/s over the baselines the targets are stated against, per workload."""
+def ratio_table(rows: list[dict], speeds: dict | None = None) -> list[str]:
+    """Each system's tokens/s over the baselines the targets are stated against, per workload: with
+    repeats, the median over repeats of the ratio within each repeat."""
     bases = [b for b in ("engine full depth", "batch", "transformers generate", LLAMA_CPP)
              if any(r["system"] == b for r in rows)]
-    speed = {(r["system"], r["workload"], r["batch"]): r["tok_s"] for r in rows}
+    speeds = speeds or {(r["system"], r["workload"], r["batch"]): [r["tok_s"]] for r in rows}
+
+    def ratio(r, b):
+        ours, theirs = speeds[(r["system"], r["workload"], r["batch"])], speeds[(b, r["workload"], r["batch"])]
+        return statistics.median(x / y for x, y in zip(ours, theirs))
     return md_table(["system", "workload", "batch"] + [f"x {b}" for b in bases],
-                    [[r["system"], r["workload"], r["batch"]]
-                     + [r["tok_s"] / speed[(b, r["workload"], r["batch"])] for b in bases] for r in rows])
+                    [[r["system"], r["workload"], r["batch"]] + [ratio(r, b) for b in bases] for r in rows])
 
 
-def write_results(args, rows, traces, name) -> Path:
+def write_results(args, rows, traces, name, speeds: dict | None = None) -> Path:
     from bench import plots
 
     out = args.out
@@ -237,12 +263,16 @@ def write_results(args, rows, traces, name) -> Path:
              "depth holds under a `memory_budget` of what the full-depth engine uses for its weights plus its KV "
              "cache (measured by `python -m bench.capacity`). `held`: share of tokens that waited a step in the rebatching "
              "buffer, `held_p99_ms` how long (from the step that held them to their token)."
+             + (f" Every system ran {args.repeats} times per workload and batch, in rotated order: `tok_s` is the "
+                "median, TTFT and TPOT are pooled, quality is the first run's." if args.repeats > 1 else "")
              + (" llama.cpp serves the requests one after another (its Python binding runs one sequence); "
                 "its `mem_MiB` is the GGUF file it maps." if any(r["system"] == LLAMA_CPP for r in rows) else ""),
              ""]
     lines += md_table(list(rows[0]), [list(r.values()) for r in rows])
-    lines += ["", "Throughput ratios within this run (tokens/s of the row's system over the column's):", ""]
-    lines += ratio_table(rows)
+    lines += ["", "Throughput ratios within this run (tokens/s of the row's system over the column's"
+              + (f"; the median of {args.repeats} repeats' ratios, each repeat running every system in turn):"
+                 if args.repeats > 1 else "):"), ""]
+    lines += ratio_table(rows, speeds)
     figures = plots.render(rows, traces, out, name)
     lines += [""] + [f"![{p.stem}]({p.name})" for p in figures]
     md = out / f"{name}.md"

@@ -112,3 +112,25 @@ def test_exit_steps_benchmark_files_every_decode_step(smollm2, tmp_path):
     md = (tmp_path / "es.md").read_text()
     assert "one row at 1-4 columns: 1: " in md and "Machine:" in md
     assert (tmp_path / "es.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_repeats_rotate_the_systems_and_pair_the_ratios():
+    from bench.helios import ratio_table, run_repeats
+
+    order, speed = [], iter([10, 20, 5, 8, 18, 6, 12, 15, 4])  # three repeats of three systems, as they run
+
+    def run(system):
+        order.append(system)
+        return {"tok_s": next(speed), "ttft": [len(order)], "tpot": [0.1], "tokens": [[len(order)]]}
+    systems = ["engine full depth", "batch", "rebatch"]
+    merged, tok_s = run_repeats(systems, 3, run)
+    # none always runs first: each repeat starts one system further on
+    assert order == systems + systems[1:] + systems[:1] + systems[2:] + systems[:2]
+    assert tok_s == {"engine full depth": [10, 6, 15], "batch": [20, 8, 4], "rebatch": [5, 18, 12]}
+    assert merged["batch"]["tok_s"] == 8 and merged["batch"]["tokens"] == [[2]]  # median; first run's tokens
+    assert merged["batch"]["ttft"] == [2, 4, 9]  # pooled over the repeats
+    rows = [{"system": s, "workload": "w", "batch": 1, "tok_s": merged[s]["tok_s"]} for s in systems]
+    speeds = {(s, "w", 1): v for s, v in tok_s.items()}
+    table = "\n".join(ratio_table(rows, speeds))
+    # rebatch within each repeat: 0.5, 3, 0.8 of full depth; the median of those, not 12 / 10
+    assert "| rebatch | w | 1 | 0.8 |" in table, table
