@@ -54,16 +54,17 @@ class BatchCtx:
         return replace(self, slots=slots, positions=self.positions[rows], rope=rope, masks=masks,
                        first_slot=run_start(slots), level=None if self.level is None else self.level[rows])
 
-    # at_layer's answers, by how many of the levels present are <= the layer: a step's columns
-    # change only where a pending token joins, so the views are built a few times per step, not per
-    # layer (a view is a dozen small ops: built per layer they cost a batch-1 step 2.5-3 ms)
-    _views: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    # at_layer's answers, by how many of the levels present (`_levels`, ascending) are <= the layer: a
+    # step's columns change only where a pending token joins, so the views are built a few times per
+    # step, not per layer (a view is a dozen small ops: built per layer they cost a batch-1 step 2.5-3 ms)
+    _levels: list[int] | None = field(default=None, init=False, repr=False, compare=False)
+    _views: dict[int, "ColumnView"] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def at_layer(self, i: int, scratch: int) -> "ColumnView":
         """The columns layer i needs: a prefix of T, since levels ascend; and which of them take part."""
-        if "levels" not in self._views:
-            self._views["levels"] = sorted(set(self.level.flatten().tolist()))
-        key = bisect_right(self._views["levels"], i)
+        if self._levels is None:
+            self._levels = sorted(set(self.level.flatten().tolist()))
+        key = bisect_right(self._levels, i)
         if key not in self._views:
             self._views[key] = self._view(i, scratch)
         return self._views[key]
