@@ -101,6 +101,17 @@ def token_agreement(model, tokenizer, prompts: list[str], outputs: list[list[int
     return same / max(total, 1)
 
 
+def rotated(systems: list, repeats: int, run) -> dict:
+    """`run(system)` for every system, `repeats` times, the order rotated each time, so machine drift
+    over minutes hits every system alike and none always runs first: system -> its results in order."""
+    runs = {s: [] for s in systems}
+    for i in range(repeats):
+        k = i % len(systems)
+        for s in systems[k:] + systems[:k]:
+            runs[s].append(run(s))
+    return runs
+
+
 def md_table(cols: list[str], rows: list[list]) -> list[str]:
     """A Markdown table, floats to three significant figures."""
     cell = lambda v: f"{v:.3g}" if isinstance(v, float) else str(v)  # noqa: E731

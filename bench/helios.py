@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from bench.common import RESULTS, EnergyMeter, agreement, machine, md_table, rouge_l, token_agreement
+from bench.common import RESULTS, EnergyMeter, agreement, machine, md_table, rotated, rouge_l, token_agreement
 from bench import llamacpp
 from bench.serving import Helios, Single, serve
 from bench.workloads import workload
@@ -122,15 +122,10 @@ def run_system(system, base, requests, args, hf=None, singles=None) -> dict:
 
 
 def run_repeats(systems: list[str], repeats: int, run) -> tuple[dict, dict]:
-    """Every system `repeats` times, the order rotated each time, so machine drift over minutes hits
-    every system alike and none always runs first. Returns (one result per system, its tokens/s per
-    repeat): throughput is the median of the repeats, TTFT and TPOT are pooled over them, and tokens,
-    exits and decisions are the first repeat's (quality is judged once)."""
-    runs = {s: [] for s in systems}
-    for i in range(repeats):
-        k = i % len(systems)
-        for s in systems[k:] + systems[:k]:
-            runs[s].append(run(s))
+    """Every system `repeats` times in rotated order (`rotated`). Returns (one result per system, its
+    tokens/s per repeat): throughput is the median of the repeats, TTFT and TPOT are pooled over them,
+    and tokens, exits and decisions are the first repeat's (quality is judged once)."""
+    runs = rotated(systems, repeats, run)
     merged = {}
     for s, rs in runs.items():
         merged[s] = {**rs[0], "tok_s": statistics.median(r["tok_s"] for r in rs),

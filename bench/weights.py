@@ -9,7 +9,7 @@ here), and two agreements with the fp32 model:
 the same prefix: what a format changes per token), and `agree_pos`, position-wise against the fp32
 engine's own text at full depth (one early difference makes the rest of a text differ).
 
-    python -m bench.weights --prompts 16 --new-tokens 48 --batch 1 8
+    python -m bench.weights --prompts 16 --new-tokens 48 --batch 1 8 --repeats 3
 """
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bench.common import (RESULTS, agreement, command, decode_all, humaneval_prompts, machine, mean_layer,
-                          token_agreement, write)
+                          rotated, token_agreement, write)
 from engine import EngineConfig, LLMEngine, SamplingParams
 from engine.store import load_hf, resolve_source
 
@@ -54,14 +54,35 @@ def step_bytes(engine: LLMEngine, rows: int) -> int:
     return engine.model.weight_bytes()["layers"] + engine.model.head_bytes(rows)
 
 
-def run(label: str, cfg: EngineConfig, prompts: list[str], new_tokens: int, batch: int, gb_s: float) -> dict:
+def start(cfg: EngineConfig, prompts: list[str], batch: int) -> LLMEngine:
     engine = LLMEngine(cfg.model_copy(update={"max_batch_size": batch}))
     engine.generate(prompts[:batch], SamplingParams(max_tokens=8))  # warm-up: first bf16 steps are slow
+    return engine
+
+
+def run(label: str, engine: LLMEngine, prompts: list[str], new_tokens: int, batch: int, gb_s: float) -> dict:
     run = decode_all(engine, prompts, SamplingParams(max_tokens=new_tokens, ignore_eos=True))
     size = step_bytes(engine, batch)
     return {"system": label, "batch": batch, "tok_s": len(run.exits) / run.wall_s,
             "step_ms": statistics.median(run.step_ms), "floor_ms": 1e3 * size / (gb_s * 1e9),
             "weights_MiB": size / 2**20, "mean_exit_layer": mean_layer(run.exits), "_tokens": run.tokens}
+
+
+def at_batch(systems: list[tuple[str, EngineConfig]], prompts: list[str], batch: int, args, gb_s: float) -> list[dict]:
+    """One engine per format at this batch size, each run `args.repeats` times in rotated order."""
+    engines = {label: start(cfg, prompts, batch) for label, cfg in tqdm(systems, desc="starting", leave=False)}
+    bar = tqdm(total=len(engines) * args.repeats, desc="runs", leave=False)
+
+    def one(label: str) -> dict:
+        bar.update()
+        return run(label, engines[label], prompts, args.new_tokens, batch, gb_s)
+    runs = rotated(list(engines), args.repeats, one)
+    bar.close()
+    ref = runs[systems[0][0]]
+    return [{**rs[0], "tok_s": statistics.median(r["tok_s"] for r in rs),  # medians; each ratio within a repeat
+             "step_ms": statistics.median(r["step_ms"] for r in rs),
+             "step_x_fp32": statistics.median(r["step_ms"] / f["step_ms"] for r, f in zip(rs, ref))}
+            for rs in runs.values()]
 
 
 def main(argv: list[str] | None = None) -> list[dict]:
@@ -73,6 +94,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--formats", nargs="+", default=list(FORMATS), choices=list(FORMATS))
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--name", default=None)
+    ap.add_argument("--repeats", type=int, default=1, help="runs of every format per batch size, in rotated order: "
+                    "step time and tok/s are their medians, step_x_fp32 the median of each repeat's ratio")
     args = ap.parse_args(argv)
     prompts = humaneval_prompts(args.prompts)
     rates = bandwidth_gb_s()
@@ -81,14 +104,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for f in args.formats:
         base = EngineConfig(model=args.model, **FORMATS[f])
         systems += [(f"{f}, full depth", base.model_copy(update={"exit_policy": "full"})), (f"{f}, exits", base)]
-    rows = [run(label, cfg, prompts, args.new_tokens, b, gb_s)
-            for b in tqdm(args.batch, desc="batch sizes") for label, cfg in tqdm(systems, leave=False)]
+    rows = [r for b in tqdm(args.batch, desc="batch sizes") for r in at_batch(systems, prompts, b, args, gb_s)]
     hf, tok = load_hf(resolve_source(args.model))  # fp32: the reference every format is judged by
     for r in tqdm(rows, desc="agreement"):
         ref = next(x for x in rows if x["batch"] == r["batch"] and x["system"] == systems[0][0])
         r["agree_tf"] = token_agreement(hf, tok, prompts, r["_tokens"])
         r["agree_pos"] = agreement(r["_tokens"], ref["_tokens"])[0]
-        r["step_x_fp32"] = r["step_ms"] / ref["step_ms"]
     for r in rows:
         del r["_tokens"]
     name = args.name or f"weights-{args.model}-cpu"
@@ -96,7 +117,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
               f"memory read at {gb_s:.1f} GB/s (the faster of a plain sum, {rates['sum']:.1f}, and an fp32 "
               f"matrix-vector product, {rates['gemv']:.1f})  \nWorkload: {args.prompts} held-out HumanEval prompts, "
               f"{args.new_tokens} new tokens each (ignore_eos), greedy. `exits`: the shipped exit heads "
-              "(calibrated in fp32) under the default policy.")
+              "(calibrated in fp32) under the default policy."
+              + (f" Each format ran {args.repeats} times per batch size in rotated order (one engine each): step "
+                 "time and tok/s are medians, `step_x_fp32` the median of the repeats' ratios; agreement is the "
+                 "first run's." if args.repeats > 1 else ""))
     print(write(name, rows, header, lambda path: plot(rows, path), args.out).read_text())
     return rows
 

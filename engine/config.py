@@ -122,6 +122,11 @@ class EngineConfig(BaseModel):
         True, description="CPU: measure at start-up which weight layout (row- or column-major) and which "
         "zero-padding of few-row matmuls this CPU's BLAS runs fastest, for the layers and the LM head, and "
         "use them (engine.matmul_plan). False: weights as loaded, no padding.")
+    packed_head_copy: bool = Field(
+        True, description="CPU, with tune_matmuls: where start-up measures oneDNN's packed layout fastest for "
+        "the LM head too, multiply through a packed copy of it (the embedding and the exit vocabulary go on "
+        "reading the dense rows). Costs the head's bytes once more, counted in the engine's memory: fp32 "
+        "SmolLM2 108 MiB, Gemma-3-270M 640 MiB. False: no copy, the head in the best dense layout.")
     max_batch_size: int = Field(8, ge=1, le=512, description="Concurrent sequences (KV cache slots); under a "
                                 "`memory_budget`, the most the budget may give.")
     memory_budget: float | None = Field(

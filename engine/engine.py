@@ -92,7 +92,7 @@ class LLMEngine:
         self.tokenizer = self.store.tokenizer()
         self.eos_ids = self.store.eos_token_ids(self.tokenizer)
         self.model = EEModel(self.store, config.depth or self.store.num_layers, config.device, self.dtype,
-                             config.int8_weights)
+                             config.int8_weights, config.packed_head_copy)
         if config.tune_matmuls and self.model.device.type == "cpu":
             self.model.tune_matmuls()
         kv = self.model.allocate_cache(1, config.max_model_len)

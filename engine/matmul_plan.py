@@ -191,6 +191,8 @@ def plan_int8_rows(q: Int8Linear, dense: torch.Tensor, dense_plan: MatmulPlan) -
     n = dense.shape[0]
     int8 = measure([q.weight[:n]], dtype=dense.dtype,
                    mm=lambda x, w: torch.ops.aten._weight_int8pack_mm(x, w, q.scale[:n]))
+    if dense_plan.packed:
+        return choose_int8_rows(int8, measure([pack(dense)], mm=packed_linear))
     times = measure([col_major(dense) if dense_plan.col_major else dense])
     return choose_int8_rows(int8, {m: times[dense_plan.pad_to.get(m, m)] for m in times})
 

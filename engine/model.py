@@ -107,9 +107,10 @@ def _apply_rope(x, cos, sin):
 
 class EEModel(nn.Module):
     def __init__(self, store: LayerStore, depth: int, device: str | torch.device, dtype: torch.dtype,
-                 int8_weights: bool = False):
+                 int8_weights: bool = False, packed_head_copy: bool = True):
         super().__init__()
         self.int8_weights = int8_weights  # decoder layers' linear weights as int8 (matmul_plan.Int8Linear)
+        self.packed_head_copy = packed_head_copy  # whether a plan may give the LM head a packed copy
         from transformers import AutoModelForCausalLM
 
         self.store, self.device, self.dtype = store, torch.device(device), dtype
@@ -132,6 +133,8 @@ class EEModel(nn.Module):
         # int8 copy of the LM head for the row counts where it is faster (head_plan.int8_rows); the
         # dense one stays: the embedding and the exit vocabulary gather rows from it
         self.head_int8 = matmul_plan.Int8Linear(self.lm_head_weight) if int8_weights else None
+        # oneDNN-packed copy of the LM head when head_plan.packed: the dense one stays for the same reasons
+        self.head_packed: torch.Tensor | None = None
         self.rotary = type(skeleton.model.rotary_emb)(config).to(self.device)
         self._rope_by_type = "layer_type" in inspect.signature(self.rotary.forward).parameters
         self.layer_types = list(getattr(config, "layer_types", None) or ["full_attention"] * store.num_layers)
@@ -182,6 +185,8 @@ class EEModel(nn.Module):
     def weight_bytes(self) -> dict[str, int]:
         layers = [_param_bytes(layer) for layer in self.layers]
         base = sum(_param_bytes(m) for m in (self.embed, self.norm, self.head_int8) if m is not None)
+        if self.head_packed is not None:
+            base += self.head_packed.numel() * self.head_packed.element_size()
         return {"base": base, "layers": sum(layers),
                 "per_layer": layers[0] if layers else 0}
 
@@ -287,6 +292,8 @@ class EEModel(nn.Module):
         x = self.norm(h)
         if self._int8_head(x.numel() // x.shape[-1]):
             return self.head_int8(x)
+        if self.head_packed is not None:
+            return matmul_plan.packed_linear(x, self.head_packed)
         return matmul_plan.linear(x, self.lm_head_weight, None, self.head_plan.pad_to)
 
     def _int8_head(self, rows: int) -> bool:
@@ -315,9 +322,10 @@ class EEModel(nn.Module):
                 size += sample[-1].numel() * sample[-1].element_size()
         head = self.lm_head_weight.detach()
         head = head[: max(1, sample_bytes // (head.shape[1] * head.element_size()))].contiguous()
-        # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays dense
         layers = matmul_plan.plan(sample, may_pack) if sample else self.layer_plan  # int8 layers have their own kernel
-        head_plan = matmul_plan.plan([head], may_pack=False)
+        # the head is the embedding's storage too (tied) and the exit vocabulary's source: it stays
+        # dense, and packed means a packed copy beside it
+        head_plan = matmul_plan.plan([head], may_pack and self.packed_head_copy)
         if self.head_int8 is not None:
             head_plan.int8_rows = matmul_plan.plan_int8_rows(self.head_int8, head, head_plan)
         self.set_matmul_plans(layers, head_plan)
@@ -332,3 +340,7 @@ class EEModel(nn.Module):
             self.lm_head_weight.data = w
         else:
             self.lm_head_weight = w
+        if not head.packed:
+            self.head_packed = None
+        elif self.head_packed is None:  # the weights never change: a copy packed once stays right
+            self.head_packed = matmul_plan.pack(w)

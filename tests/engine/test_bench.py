@@ -68,8 +68,8 @@ def test_matmul_plan_benchmark_times_every_plan(smollm2, tmp_path):
                          "--name", "mm"])
     assert [(r["system"], r["batch"]) for r in rows] == [("full depth", 1), ("full depth", 2),
                                                          ("early exits, deferred fill", 1)]
-    assert all(r["step_ms_as_loaded"] > 0 and r["step_ms_dense"] > 0 and r["step_ms_tuned"] > 0 and r["floor_ms"] > 0
-               for r in rows)
+    assert all(r["step_ms_as_loaded"] > 0 and r["step_ms_dense"] > 0 and r["step_ms_head_dense"] > 0
+               and r["step_ms_tuned"] > 0 and r["floor_ms"] > 0 for r in rows)
     assert rows[-1]["mean_exit_layer"] < 30  # the shipped heads take tokens out early
     assert (tmp_path / "mm.png").read_bytes()[:4] == b"\x89PNG" and "Machine:" in (tmp_path / "mm.md").read_text()
 
@@ -78,7 +78,7 @@ def test_weights_benchmark_judges_each_format_against_fp32(smollm2, tmp_path):
     from bench.weights import main as weights_bench
 
     rows = weights_bench(["--formats", "fp32", "int8", "--prompts", "2", "--new-tokens", "4", "--batch", "1",
-                          "--out", str(tmp_path), "--name", "w"])
+                          "--repeats", "2", "--out", str(tmp_path), "--name", "w"])
     by = {r["system"]: r for r in rows}
     assert list(by) == ["fp32, full depth", "fp32, exits", "int8, full depth", "int8, exits"]
     fp32, int8 = by["fp32, full depth"], by["int8, full depth"]

@@ -94,6 +94,32 @@ def test_weights_packed_for_onednn_decode_the_dense_weights_tokens(smollm2, dtyp
     assert not model.layers[0].mlp.up_proj.weight.is_mkldnn
     assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == dense
 
+    # the LM head: a packed copy beside the dense weight, which the embedding still reads
+    base, logits = engine.memory_bytes()["base"], engine.next_token_logits([[1, 2, 3], [4, 5, 6]])
+    embedded = model.embed_tokens(torch.tensor([[5, 7]]))
+    model.set_matmul_plans(MatmulPlan(), MatmulPlan(packed=True))
+    head = model.lm_head_weight
+    assert model.head_packed is not None and not head.is_mkldnn
+    assert engine.memory_bytes()["base"] == base + head.numel() * head.element_size()  # the copy is counted
+    torch.testing.assert_close(engine.next_token_logits([[1, 2, 3], [4, 5, 6]]), logits, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(model.embed_tokens(torch.tensor([[5, 7]])), embedded, rtol=0, atol=0)
+    assert [r.token_ids for r in engine.generate(PROMPTS[:3], params)] == dense
+    model.set_matmul_plans(MatmulPlan(), MatmulPlan())
+    assert model.head_packed is None and engine.memory_bytes()["base"] == base
+
+
+def test_the_lm_head_gets_a_packed_copy_only_where_the_config_allows(smollm2, monkeypatch):
+    asked = []  # may_pack of each plan measured: the layers', then the head's
+
+    def plan(weights, may_pack=True):
+        asked.append(may_pack)
+        return MatmulPlan(packed=may_pack)
+    monkeypatch.setattr(matmul_plan, "plan", plan)
+    for allowed in (True, False):
+        asked.clear()
+        engine = LLMEngine(EngineConfig(model="smollm2", exits=False, max_batch_size=1, packed_head_copy=allowed))
+        assert asked == [True, allowed] and (engine.model.head_packed is not None) == allowed
+
 
 def test_packing_is_chosen_like_any_layout_by_its_worst_row_count(monkeypatch):
     fast, slow = {m: 10.0 for m in range(1, 9)}, {m: 20.0 for m in range(1, 9)}
